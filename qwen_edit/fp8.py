@@ -1,0 +1,74 @@
+"""FP8 (e4m3) matrix products with per-output-channel weight scales.
+
+One idea: a weight stored as fp8 codes times a float scale per output channel, multiplied by
+activations that are quantized on the fly with one scale per token ("dynamic per-token"). On GPUs
+with fp8 tensor cores (SM >= 8.9) this is one `torch._scaled_mm` call; elsewhere the same numbers are
+computed by upcasting, so CPU results equal the GPU path up to accumulation order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+
+
+def fp8_supported(device: torch.device | str | None) -> bool:
+    """True where `torch._scaled_mm` has fp8 tensor cores: CUDA devices of compute capability >= 8.9."""
+    device = torch.device(device) if device is not None else None
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float weight -> (fp8 codes [N, K], float32 scale [N]) with weight ~= codes * scale[:, None]."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX
+    codes = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return codes, scale
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] activations -> (fp8 codes, float32 scale [M, 1]), one scale per row."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    codes = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return codes, scale
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    weight_fp8: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """y = x @ (weight_fp8 * weight_scale[:, None]).T + bias, activations quantized per token to fp8.
+
+    `weight_scale` is float32, shape [N] (per output channel) or [] (per tensor).
+    """
+    out_dtype = out_dtype or x.dtype
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    n = weight_fp8.shape[0]
+    w_scale = weight_scale.float().reshape(-1)
+    if w_scale.numel() == 1:
+        w_scale = w_scale.expand(n)
+    x_codes, x_scale = quantize_per_token(x2)
+    if x2.is_cuda and fp8_supported(x2.device) and x2.shape[0] > 0:
+        # _scaled_mm wants the second operand column-major, scales as [M,1] and [1,N].
+        y = torch._scaled_mm(
+            x_codes,
+            weight_fp8.t(),
+            scale_a=x_scale,
+            scale_b=w_scale.reshape(1, n).contiguous(),
+            bias=None if bias is None else bias.to(out_dtype),
+            out_dtype=out_dtype,
+        )
+    else:
+        y = (x_codes.float() @ weight_fp8.float().t()) * x_scale * w_scale
+        if bias is not None:
+            y = y + bias.float()
+        y = y.to(out_dtype)
+    return y.reshape(*shape[:-1], n)

@@ -1,0 +1,224 @@
+"""Loading an SVDQ transformer file on any device: Nunchaku's kernels where they exist, else portable.
+
+`load_transformer` returns a module with diffusers' `QwenImageTransformer2DModel` forward signature.
+- backend="nunchaku": Nunchaku's own model class (4-bit kernels; SM 120/121 for fp4 files, SM 75/80/86/89
+  for int4 files). Imported lazily: Nunchaku is a GitHub-release wheel, not a PyPI package.
+- backend="portable": diffusers' model with our dequantized layers (svdq/layers.py); runs anywhere.
+- backend="auto": Nunchaku when it is installed and supports both the card and the file, else portable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .hardware import DeviceInfo, UnsupportedHardwareError, describe_device, nunchaku_precision_error
+from .model import build_model
+from .svdq.checkpoint import (
+    AWQ_LAYERS,
+    SVDQ_LAYERS,
+    CheckpointError,
+    SVDQCheckpoint,
+    check_tensors,
+    expected_tensors,
+    few,
+    group_by_layer,
+    load_tensors,
+    read_checkpoint,
+)
+from .svdq.layers import INT4_FC2_SHIFT, AWQLinear, SVDQLinear
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "nunchaku", "portable")
+COMPUTES = ("auto", "bf16", "fp8")
+UNUSED_AT_RUNTIME = ("smooth_factor_orig",)  # nunchaku linear.py: kept in files, never read
+
+
+@dataclass(frozen=True)
+class TransformerInfo:
+    """What `load_transformer` chose and why; attached to the model as `model.qwen_edit_info`."""
+
+    path: str
+    backend: str
+    compute: str
+    precision: str
+    rank: int
+    device: str
+    reason: str
+    load_seconds: float
+
+
+def nunchaku_available() -> bool:
+    try:
+        import nunchaku  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_backend(backend: str, info: DeviceInfo, precision: str, have_nunchaku: bool) -> tuple[str, str]:
+    """(backend, reason). Raises UnsupportedHardwareError where the choice cannot work on this card."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    problem = nunchaku_precision_error(info, precision)
+    if backend == "portable":
+        return "portable", "backend='portable' was requested"
+    if backend == "nunchaku":
+        if problem:
+            raise UnsupportedHardwareError(problem)
+        if not have_nunchaku:
+            raise ImportError(
+                "backend='nunchaku' needs the nunchaku package, which is not on PyPI: install the wheel "
+                "matching your torch and Python from https://github.com/nunchaku-tech/nunchaku/releases "
+                "(see README, 'Install on a pod'), or use backend='portable'."
+            )
+        return "nunchaku", f"{info.name} ({info.sm}) runs {precision} files with Nunchaku's kernels"
+    # auto
+    if info.nunchaku_precision is None:
+        return "portable", f"{info.name} ({info.sm}) has no Nunchaku kernels; using dequantized weights"
+    if problem:  # a card with 4-bit kernels, but for the other precision: almost surely the wrong file
+        raise UnsupportedHardwareError(problem)
+    if not have_nunchaku:
+        log.warning(
+            "%s could run this %s file with Nunchaku's 4-bit kernels, but nunchaku is not installed; "
+            "falling back to the portable backend (more memory). See README, 'Install on a pod'.",
+            info.name,
+            precision,
+        )
+        return "portable", "nunchaku is not installed"
+    return "nunchaku", f"{info.name} ({info.sm}) runs {precision} files with Nunchaku's kernels"
+
+
+def choose_compute(compute: str, info: DeviceInfo) -> str:
+    if compute not in COMPUTES:
+        raise ValueError(f"compute must be one of {COMPUTES}, got {compute!r}")
+    if compute == "auto":
+        return "fp8" if info.has_fp8_tensor_cores else "bf16"
+    return compute
+
+
+def load_transformer(
+    path: str | Path,
+    *,
+    backend: str = "auto",
+    compute: str = "auto",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> nn.Module:
+    """Load a Nunchaku SVDQ Qwen-Image(-Edit) transformer file.
+
+    compute (portable backend): "bf16" dequantizes every 4-bit layer once into `dtype` weights; "fp8"
+    stores them as fp8 with per-channel scales (half the memory; fp8 tensor cores on SM >= 8.9);
+    "auto" picks fp8 where the card has fp8 tensor cores. `dtype` is the activation dtype.
+    """
+    start = time.perf_counter()
+    ckpt = read_checkpoint(path)
+    info = describe_device(device)
+    chosen, reason = choose_backend(backend, info, ckpt.precision, nunchaku_available())
+    if chosen == "nunchaku":
+        model = _load_nunchaku(ckpt, info, dtype)
+        mode = f"nunchaku-{ckpt.precision}"
+    else:
+        mode = choose_compute(compute, info)
+        model = _load_portable(ckpt, info.device, mode, dtype)
+    model.qwen_edit_info = TransformerInfo(
+        str(ckpt.path),
+        chosen,
+        mode,
+        ckpt.precision,
+        ckpt.rank,
+        str(info.device),
+        reason,
+        time.perf_counter() - start,
+    )
+    log.info("transformer loaded: %s", model.qwen_edit_info)
+    return model
+
+
+def _load_nunchaku(ckpt: SVDQCheckpoint, info: DeviceInfo, dtype: torch.dtype) -> nn.Module:
+    from nunchaku import NunchakuQwenImageTransformer2DModel  # GitHub-release wheel, imported lazily
+
+    model = NunchakuQwenImageTransformer2DModel.from_pretrained(str(ckpt.path), torch_dtype=dtype)
+    return model.to(info.device)
+
+
+def quantized_layer_kinds(num_layers: int, precision: str) -> dict[str, tuple[str, float]]:
+    """{file prefix: (kind, act_shift)} for every quantized layer of a model with `num_layers` blocks."""
+    kinds = {}
+    for i in range(num_layers):
+        block = f"transformer_blocks.{i}"
+        for name, _, _ in SVDQ_LAYERS:
+            shift = INT4_FC2_SHIFT if precision == "int4" and name.endswith("mlp.net.2") else 0.0
+            kinds[f"{block}.{name}"] = ("svdq", shift)
+        for name in AWQ_LAYERS:
+            kinds[f"{block}.{name}"] = ("awq", 0.0)
+    return kinds
+
+
+@torch.no_grad()
+def _load_portable(ckpt: SVDQCheckpoint, device: torch.device, compute: str, dtype: torch.dtype) -> nn.Module:
+    problems = check_tensors(ckpt.tensors, expected_tensors(ckpt.config, ckpt.precision, ckpt.rank))
+    if problems:
+        raise CheckpointError(_mismatch_message(ckpt, problems))
+    model = build_model(ckpt.config)
+    kinds = quantized_layer_kinds(ckpt.num_layers, ckpt.precision)
+    layers, plain_keys = group_by_layer(list(ckpt.tensors), set(kinds))
+    with ckpt.open() as f:
+        for prefix, keys in layers.items():
+            kind, shift = kinds[prefix]
+            tensors = load_tensors(f, {n: k for n, k in keys.items() if n not in UNUSED_AT_RUNTIME})
+            if kind == "svdq":
+                layer = SVDQLinear.from_packed(
+                    tensors,
+                    precision=ckpt.precision,
+                    act_shift=shift,
+                    compute=compute,
+                    dtype=dtype,
+                    device=device,
+                )
+            else:
+                layer = AWQLinear.from_packed(tensors, compute=compute, dtype=dtype, device=device)
+            parent, _, leaf = prefix.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, layer)  # also creates the fused slots
+        unplaced = [k for k in plain_keys if not _assign_plain(model, k, f.get_tensor(k), device, dtype)]
+    # Guards against a model/spec disagreement (e.g. a diffusers release that renames a module).
+    unfilled = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if unplaced:
+        problems.append(f"{len(unplaced)} file tensors match no model parameter: {few(unplaced)}")
+    if unfilled:
+        problems.append(f"{len(unfilled)} model parameters not filled by the file: {few(unfilled)}")
+    if problems:
+        raise CheckpointError(_mismatch_message(ckpt, problems))
+    return model.to(device)
+
+
+def _mismatch_message(ckpt: SVDQCheckpoint, problems: list[str]) -> str:
+    return (
+        f"{ckpt.path} ({ckpt.precision}, rank {ckpt.rank}, {ckpt.num_layers} blocks) does not match the "
+        "Qwen-Image transformer layout:\n  "
+        + "\n  ".join(problems)
+        + "\nIs it a complete, unmodified Nunchaku Qwen-Image(-Edit) file? "
+        "A partial download is a common cause."
+    )
+
+
+def _assign_plain(
+    model: nn.Module, key: str, value: torch.Tensor, device: torch.device, dtype: torch.dtype
+) -> bool:
+    """Put a bf16 file tensor into the parameter of the same name. False if there is no such parameter."""
+    owner_name, _, attr = key.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name)
+    except AttributeError:
+        return False
+    if attr not in owner._parameters:
+        return False
+    value = value.to(device=device, dtype=dtype)
+    owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    return True

@@ -1,0 +1,33 @@
+"""Shared test fixtures: where `../shared` lives, and deterministic torch settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# The reference data sits beside the checkout (`../shared`); QWEN_EDIT_SHARED overrides it.
+SHARED = Path(os.environ.get("QWEN_EDIT_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.fail(f"reference data not found at {SHARED}; set QWEN_EDIT_SHARED to the shared/ folder")
+    return SHARED
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,0 +1,50 @@
+"""GPU checks of the portable backend (skipped without CUDA; run on the GPU machine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen_edit import fp8
+from qwen_edit.tiny import write_tiny_transformer
+from qwen_edit.transformer import load_transformer
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_scaled_mm_matches_the_emulated_fp8_product():
+    if not fp8.fp8_supported("cuda"):
+        pytest.skip("no fp8 tensor cores on this GPU")
+    gen = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(37, 256, device="cuda", generator=gen, dtype=torch.bfloat16)
+    w = torch.randn(384, 256, device="cuda", generator=gen) / 16
+    codes, scale = fp8.quantize_weight_per_channel(w)
+    bias = torch.randn(384, device="cuda", generator=gen, dtype=torch.bfloat16)
+    y_gpu = fp8.fp8_linear(x, codes, scale, bias)
+    x_codes, x_scale = fp8.quantize_per_token(x)
+    y_ref = (x_codes.float() @ codes.float().t()) * x_scale * scale + bias.float()
+    # Same fp8 operands: only accumulation order and the bf16 output rounding differ.
+    assert (y_gpu.float() - y_ref).abs().max() < 1e-2 * y_ref.abs().max()
+
+
+@pytest.mark.parametrize("precision", ["int4", "fp4"])
+@pytest.mark.parametrize("compute", ["bf16", "fp8"])
+@torch.no_grad()
+def test_tiny_model_on_gpu_matches_cpu(tmp_path, precision, compute):
+    path = write_tiny_transformer(tmp_path / "tiny.safetensors", precision=precision)
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(1, 32, 64, generator=gen),
+        encoder_hidden_states=torch.randn(1, 7, 64, generator=gen),
+        timestep=torch.tensor([0.5]),
+        img_shapes=[[(1, 4, 4), (1, 4, 4)]],
+        return_dict=False,
+    )
+    cpu = load_transformer(path, backend="portable", compute="bf16", device="cpu", dtype=torch.float32)
+    y_cpu = cpu(**inputs)[0]
+    gpu = load_transformer(path, backend="portable", compute=compute, device="cuda")
+    assert gpu.qwen_edit_info.compute == compute
+    cuda_inputs = {k: v.cuda().bfloat16() if torch.is_tensor(v) else v for k, v in inputs.items()}
+    y_gpu = gpu(**cuda_inputs)[0].float().cpu()
+    error = ((y_gpu - y_cpu).norm() / y_cpu.norm()).item()
+    assert error < (0.03 if compute == "bf16" else 0.1), error
