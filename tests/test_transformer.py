@@ -9,10 +9,11 @@ import torch
 from diffusers import QwenImageTransformer2DModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from twins import dense_twin, forward_inputs
 
 from qwen_edit.hardware import DeviceInfo, UnsupportedHardwareError
 from qwen_edit.model import build_model
-from qwen_edit.svdq import awq_dense, expected_tensors, quantize_svdq_linear, read_checkpoint, svdq_dense
+from qwen_edit.svdq import expected_tensors, quantize_svdq_linear, read_checkpoint, svdq_dense
 from qwen_edit.svdq.checkpoint import _DTYPES, CheckpointError
 from qwen_edit.svdq.quantize import FUSED_PARTS
 from qwen_edit.tiny import TINY_TRANSFORMER_CONFIG, tiny_reference_transformer, write_tiny_transformer
@@ -107,52 +108,14 @@ def test_quantize_then_dequantize_recovers_the_weight(precision):
         assert (b - bias).abs().max() < 2e-2  # bf16 storage of the bias, after the shift compensation
 
 
-def _dense_twin(path) -> QwenImageTransformer2DModel:
-    """A plain diffusers model carrying the file's weights, dequantized with svdq_dense / awq_dense."""
-    ckpt = read_checkpoint(path)
-    tensors = load_file(str(path))
-    kinds = quantized_layer_kinds(ckpt.num_layers, ckpt.precision)
-    state = {}
-    for key, value in tensors.items():
-        prefix, _, leaf = key.rpartition(".")
-        if prefix not in kinds:
-            state[key] = value.float()
-            continue
-        if leaf != "qweight":
-            continue
-        layer = {k.rpartition(".")[2]: v for k, v in tensors.items() if k.rpartition(".")[0] == prefix}
-        kind, shift = kinds[prefix]
-        w, b = svdq_dense(layer, ckpt.precision, shift) if kind == "svdq" else awq_dense(layer)
-        block, _, name = prefix.partition(".")[2].partition(".")
-        parts = FUSED_PARTS.get(name, (name,))
-        for part, wp, bp in zip(parts, w.chunk(len(parts)), b.chunk(len(parts)), strict=True):
-            state[f"transformer_blocks.{block}.{part}.weight"] = wp
-            state[f"transformer_blocks.{block}.{part}.bias"] = bp
-    model = QwenImageTransformer2DModel(**{k: v for k, v in ckpt.config.items() if k[0] != "_"})
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
-def _inputs(batch=1, ref_images=1):
-    gen = torch.Generator().manual_seed(1)
-    img_shapes = [[(1, 4, 4)] * (1 + ref_images)] * batch
-    return dict(
-        hidden_states=torch.randn(batch, 16 * (1 + ref_images), 64, generator=gen),
-        encoder_hidden_states=torch.randn(batch, 7, 64, generator=gen),
-        timestep=torch.tensor([0.625] * batch),  # exact in bf16: diffusers casts it to the model dtype,
-        img_shapes=img_shapes,
-        return_dict=False,
-    )
-
-
 @torch.no_grad()
 def test_portable_forward_matches_dense_diffusers_model(tiny_file):
     precision, path = tiny_file
     model = load_transformer(path, backend="portable", compute="bf16", device="cpu", dtype=torch.float32)
     assert model.qwen_edit_info.backend == "portable"
-    inputs = _inputs(batch=2)
+    inputs = forward_inputs(batch=2)
     y = model(**inputs)[0]
-    y_dense = _dense_twin(path)(**inputs)[0]
+    y_dense = dense_twin(path)(**inputs)[0]
     # float32 end to end, same weights: only summation order differs (fused vs separate q/k/v GEMMs).
     assert (y - y_dense).abs().max() < 1e-4 * y_dense.abs().max()
     # Against the unquantized model: the 4-bit quantization error of rank-16 SVDQ on random weights.
@@ -163,7 +126,7 @@ def test_portable_forward_matches_dense_diffusers_model(tiny_file):
 @torch.no_grad()
 def test_bf16_and_fp8_modes_error_is_bounded(tiny_file):
     precision, path = tiny_file
-    inputs = _inputs()
+    inputs = forward_inputs()
     reference = load_transformer(path, backend="portable", compute="bf16", device="cpu", dtype=torch.float32)
     y_ref = reference(**inputs)[0]
     errors = {}

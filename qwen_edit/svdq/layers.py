@@ -16,7 +16,7 @@ The portable backend builds W_eff once at load and then runs a plain GEMM: in th
 scales; fp8 tensor cores on SM >= 8.9). It does not emulate Nunchaku's 4-bit activation quantization,
 so it is slightly *more* accurate than the kernels it replaces.
 
-LoRA side branches (y += scale * (x @ A.T) @ B.T) can be attached to any of these layers; see lora.py.
+A LoRA side branch (y += (x @ A.T) @ B.T) can be attached to any of these layers; see lora.py.
 """
 
 from __future__ import annotations
@@ -121,15 +121,19 @@ class DequantizedLinear(nn.Module):
             self.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
             self.weight_scale = None
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
-        self.loras: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (down [r,K], up [N,r], scale)
+        # LoRA side branch y += (x @ lora_down.T) @ lora_up.T, every LoRA of this layer concatenated
+        # along the rank with its strength folded into lora_up (lora.py). Buffers, so they move with
+        # the module (offload) and never touch the weight.
+        self.register_buffer("lora_down", None)
+        self.register_buffer("lora_up", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.compute == "fp8":
             y = fp8.fp8_linear(x, self.weight, self.weight_scale, self.bias, out_dtype=x.dtype)
         else:
             y = F.linear(x.to(self.weight.dtype), self.weight, self.bias)
-        for down, up, scale in self.loras:
-            y = y + scale * F.linear(F.linear(x.to(down.dtype), down), up).to(y.dtype)
+        if self.lora_down is not None:
+            y = y + F.linear(F.linear(x.to(self.lora_down.dtype), self.lora_down), self.lora_up).to(y.dtype)
         return y
 
     def dense_weight(self) -> torch.Tensor:

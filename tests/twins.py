@@ -1,0 +1,49 @@
+"""Test helpers: dense diffusers twins of SVDQ files, and transformer inputs."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import QwenImageTransformer2DModel
+from safetensors.torch import load_file
+
+from qwen_edit.svdq import awq_dense, read_checkpoint, svdq_dense
+from qwen_edit.svdq.quantize import FUSED_PARTS
+from qwen_edit.transformer import quantized_layer_kinds
+
+
+def dense_twin(path) -> QwenImageTransformer2DModel:
+    """A plain diffusers model carrying the file's weights, dequantized with svdq_dense / awq_dense."""
+    ckpt = read_checkpoint(path)
+    tensors = load_file(str(path))
+    kinds = quantized_layer_kinds(ckpt.num_layers, ckpt.precision)
+    state = {}
+    for key, value in tensors.items():
+        prefix, _, leaf = key.rpartition(".")
+        if prefix not in kinds:
+            state[key] = value.float()
+            continue
+        if leaf != "qweight":
+            continue
+        layer = {k.rpartition(".")[2]: v for k, v in tensors.items() if k.rpartition(".")[0] == prefix}
+        kind, shift = kinds[prefix]
+        w, b = svdq_dense(layer, ckpt.precision, shift) if kind == "svdq" else awq_dense(layer)
+        block, _, name = prefix.partition(".")[2].partition(".")
+        parts = FUSED_PARTS.get(name, (name,))
+        for part, wp, bp in zip(parts, w.chunk(len(parts)), b.chunk(len(parts)), strict=True):
+            state[f"transformer_blocks.{block}.{part}.weight"] = wp
+            state[f"transformer_blocks.{block}.{part}.bias"] = bp
+    model = QwenImageTransformer2DModel(**{k: v for k, v in ckpt.config.items() if k[0] != "_"})
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def forward_inputs(batch=1, ref_images=1):
+    gen = torch.Generator().manual_seed(1)
+    img_shapes = [[(1, 4, 4)] * (1 + ref_images)] * batch
+    return dict(
+        hidden_states=torch.randn(batch, 16 * (1 + ref_images), 64, generator=gen),
+        encoder_hidden_states=torch.randn(batch, 7, 64, generator=gen),
+        timestep=torch.tensor([0.625] * batch),  # exact in bf16: diffusers casts it to the model dtype,
+        img_shapes=img_shapes,
+        return_dict=False,
+    )
