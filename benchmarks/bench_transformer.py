@@ -75,7 +75,62 @@ def diffusers_bf16(config: dict, device) -> torch.nn.Module:
     return model.eval()
 
 
-def measure(name: str, build, inputs: dict, args) -> dict:
+def random_lora(config: dict, rank: int, path: Path) -> Path:
+    """A rank-`rank` LoRA on every block Linear (diffusers names, bf16), as ai-toolkit trains them."""
+    from safetensors.torch import save_file
+
+    from qwen_edit.lora import BLOCK_TARGETS
+
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    sizes = {
+        "img_mlp.net.0.proj": (4 * d, d),
+        "txt_mlp.net.0.proj": (4 * d, d),
+        "img_mlp.net.2": (d, 4 * d),
+        "txt_mlp.net.2": (d, 4 * d),
+        "img_mod.1": (6 * d, d),
+        "txt_mod.1": (6 * d, d),
+    }
+    tensors = {}
+    for i in range(config["num_layers"]):
+        for name in BLOCK_TARGETS:
+            n, k = sizes.get(name, (d, d))
+            key = f"diffusion_model.transformer_blocks.{i}.{name}"
+            tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, k) / k**0.5).bfloat16()
+            tensors[f"{key}.lora_B.weight"] = (torch.randn(n, rank) * 0.01).bfloat16()
+    save_file(tensors, str(path))
+    return path
+
+
+def measure_lora(model, lora_path: Path, inputs: dict, args, base: dict) -> dict:
+    from qwen_edit.lora import apply_loras, read_lora
+
+    read_lora(lora_path)  # parse once (file read), like a worker that keeps its LoRAs
+    before = torch.cuda.memory_allocated()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    apply_loras(model, [(lora_path, 1.0)])
+    torch.cuda.synchronize()
+    apply_s = time.perf_counter() - start
+    extra = torch.cuda.memory_allocated() - before
+    times = time_forward(model, inputs, args.warmup, args.repeats)
+    start = time.perf_counter()
+    apply_loras(model, [(lora_path, 0.5)])
+    torch.cuda.synchronize()
+    restrength_s = time.perf_counter() - start
+    apply_loras(model, [])
+    row = {
+        "config": f"{base['config']} + rank-{args.lora_rank} LoRA",
+        "lora_apply_s": round(apply_s, 2),
+        "lora_change_strength_s": round(restrength_s, 2),
+        "lora_extra_gib": round(extra / 2**30, 2),
+        "step_ms_median": round(statistics.median(times), 1),
+        "step_overhead_ms": round(statistics.median(times) - base["step_ms_median"], 1),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def measure(name: str, build, inputs: dict, args, lora_path: Path | None = None) -> list[dict]:
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -94,8 +149,11 @@ def measure(name: str, build, inputs: dict, args) -> dict:
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
     }
     print(json.dumps(row), flush=True)
+    rows = [row]
+    if lora_path is not None:
+        rows.append(measure_lora(model, lora_path, inputs, args, row))
     del model
-    return row
+    return rows
 
 
 def main() -> None:
@@ -109,13 +167,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rank", type=int, default=128)
+    parser.add_argument("--lora-rank", type=int, default=0, help="also time a LoRA of this rank (0: none)")
     args = parser.parse_args()
 
     device = torch.device("cuda")
     config = dict(DEFAULT_CONFIG)
     inputs = forward_inputs(args.size, 1, args.text_tokens, device)
-    rows = [measure("diffusers bf16 (baseline)", lambda: diffusers_bf16(config, device), inputs, args)]
+    rows = measure("diffusers bf16 (baseline)", lambda: diffusers_bf16(config, device), inputs, args)
     args.workdir.mkdir(parents=True, exist_ok=True)
+    lora_path = None
+    if args.lora_rank:
+        lora_path = random_lora(config, args.lora_rank, args.workdir / f"lora-r{args.lora_rank}.safetensors")
     for precision in args.precisions:
         path = args.workdir / f"svdq-{precision}_r{args.rank}-random.safetensors"
         if not path.exists():
@@ -124,15 +186,12 @@ def main() -> None:
             seconds = time.perf_counter() - start
             print(f"wrote {path.name} ({path.stat().st_size / 1e9:.1f} GB) in {seconds:.0f}s", flush=True)
         for compute in args.computes:
-            rows.append(
-                measure(
-                    f"portable {precision} r{args.rank}, {compute}",
-                    lambda p=path, c=compute: load_transformer(
-                        p, backend="portable", compute=c, device=device
-                    ),
-                    inputs,
-                    args,
-                )
+            rows += measure(
+                f"portable {precision} r{args.rank}, {compute}",
+                lambda p=path, c=compute: load_transformer(p, backend="portable", compute=c, device=device),
+                inputs,
+                args,
+                lora_path if precision == args.precisions[0] else None,
             )
     result = {
         "card": torch.cuda.get_device_name(),
@@ -160,6 +219,13 @@ def markdown_table(result: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        if "lora_apply_s" in r:
+            lines.append(
+                f"| {r['config']} | apply {r['lora_apply_s']}, change strength {r['lora_change_strength_s']} "
+                f"| {r['step_ms_median']} (+{r['step_overhead_ms']}) | {r['step_ms_median'] / base:.2f}x "
+                f"| +{r['lora_extra_gib']} | |"
+            )
+            continue
         lines.append(
             f"| {r['config']} | {r['load_s']} | {r['step_ms_median']} | {r['step_ms_median'] / base:.2f}x "
             f"| {r['weights_gib']} | {r['peak_gib']} |"

@@ -84,3 +84,108 @@ def build_model(config: dict) -> nn.Module:
             delattr(attn, name)
         attn.set_processor(FusedQKVAttnProcessor())
     return model.eval().requires_grad_(False)
+
+
+# -- ComfyUI's forward ------------------------------------------------------------------------------
+# The reference workflow runs the DiT through ComfyUI's QwenImageTransformer2DModel._forward
+# (comfyanonymous/ComfyUI comfy/ldm/qwen_image/model.py, process_img and _forward). It differs from
+# diffusers' forward in three ways that change the pixels:
+#   - text RoPE positions start at max(h_len // 2, w_len // 2) of the *noise* latent (diffusers takes
+#     the max over the reference images too);
+#   - h/w positions are centred as i - n // 2 (diffusers differs by one for odd grids);
+#   - the timestep reaches the sinusoidal embedding in float32 (diffusers rounds it to bf16 first).
+# comfy_forward reproduces ComfyUI's and calls the same submodules, so it runs on the portable model
+# and on Nunchaku's diffusers-style model alike.
+
+
+def _patchify(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """[B, C, 1, h, w] latent -> ([B, (h/2)(w/2), 4C] tokens, h_len, w_len); odd sizes padded circularly."""
+    b, c, _, h, w = x.shape
+    x = x[:, :, 0]
+    pad_h, pad_w = h % 2, w % 2
+    if pad_h or pad_w:  # ComfyUI pad_to_patch_size uses circular padding
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode="circular")
+    hh, ww = x.shape[-2] // 2, x.shape[-1] // 2
+    tokens = x.reshape(b, c, hh, 2, ww, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, hh * ww, c * 4)
+    return tokens, hh, ww
+
+
+def _unpatchify(tokens: torch.Tensor, c: int, h: int, w: int) -> torch.Tensor:
+    b = tokens.shape[0]
+    hh, ww = (h + 1) // 2, (w + 1) // 2
+    x = tokens.reshape(b, hh, ww, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, 2 * hh, 2 * ww)
+    return x[:, :, None, :h, :w]
+
+
+def rope_frequencies(positions: torch.Tensor, axes_dim: list[int], theta: float = 10000.0) -> torch.Tensor:
+    """[N, 3] (frame, row, column) positions -> [N, sum(axes_dim)/2] complex64 rotations.
+
+    Angles are computed in float64, as ComfyUI's EmbedND does, then rotated in float32.
+    """
+    parts = []
+    for axis, dim in enumerate(axes_dim):
+        omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        angles = positions[:, axis].double()[:, None] * omega[None, :]
+        parts.append(torch.polar(torch.ones_like(angles), angles))
+    return torch.cat(parts, dim=1).to(torch.complex64)
+
+
+def image_positions(h_len: int, w_len: int, index: int) -> torch.Tensor:
+    """ComfyUI's process_img ids: frame `index`, rows/columns centred as i - n // 2."""
+    rows = torch.arange(h_len) - h_len // 2
+    cols = torch.arange(w_len) - w_len // 2
+    grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(-1, 2)
+    return torch.cat([torch.full((grid.shape[0], 1), index), grid], dim=1)
+
+
+def comfy_rope(
+    noise_grid: tuple[int, int], ref_grids: list[tuple[int, int]], text_len: int, axes_dim: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image freqs for noise + references in order, text freqs) with ComfyUI's positions."""
+    img = [image_positions(*noise_grid, 0)] + [
+        image_positions(h, w, i + 1) for i, (h, w) in enumerate(ref_grids)
+    ]
+    txt_start = max(noise_grid[0] // 2, noise_grid[1] // 2)
+    txt = torch.arange(txt_start, txt_start + text_len)[:, None].expand(-1, 3)
+    return rope_frequencies(torch.cat(img), axes_dim), rope_frequencies(txt, axes_dim)
+
+
+def comfy_forward(
+    model: nn.Module,
+    x: torch.Tensor,
+    timestep: torch.Tensor,
+    context: torch.Tensor,
+    ref_latents: list[torch.Tensor] = (),
+) -> torch.Tensor:
+    """The transformer's flow prediction for latent `x` [B, 16, 1, h, w], as ComfyUI computes it.
+
+    `timestep` is sigma, float32, shape [B]; `context` [B, L, joint_dim] the text encoder's hidden
+    states; `ref_latents` the normalized reference latents, each [B or 1, 16, 1, h', w']. Returns
+    [B, 16, 1, h, w] in x's dtype.
+    """
+    dtype = next(p for p in model.parameters() if p.is_floating_point() and p.element_size() > 1).dtype
+    b, c, _, h, w = x.shape
+    tokens, hh, ww = _patchify(x.to(dtype))
+    num_noise = tokens.shape[1]
+    grids = []
+    for ref in ref_latents:
+        ref_tokens, rh, rw = _patchify(ref.to(dtype))
+        tokens = torch.cat([tokens, ref_tokens.expand(b, -1, -1)], dim=1)
+        grids.append((rh, rw))
+    axes = list(model.config.axes_dims_rope)
+    img_freqs, txt_freqs = comfy_rope((hh, ww), grids, context.shape[1], axes)
+    rope = (img_freqs.to(x.device), txt_freqs.to(x.device))
+
+    hidden = model.img_in(tokens)
+    text = model.txt_in(model.txt_norm(context.to(dtype)))
+    temb = model.time_text_embed(timestep.float(), hidden)  # float32 sinusoid, then the model dtype
+    for block in model.transformer_blocks:
+        text, hidden = block(
+            hidden_states=hidden,
+            encoder_hidden_states=text,
+            encoder_hidden_states_mask=None,
+            temb=temb,
+            image_rotary_emb=rope,
+        )
+    out = model.proj_out(model.norm_out(hidden, temb))
+    return _unpatchify(out[:, :num_noise], c, h, w).to(x.dtype)
