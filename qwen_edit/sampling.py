@@ -379,6 +379,11 @@ def beta_ppf(q: np.ndarray | float, a: float, b: float) -> np.ndarray:
     # The CDF reaches 0 / 1 only at the ends; scipy returns exactly 0 / 1 there, and so do we.
     out = np.where(q >= 1.0, 1.0, 0.0)
     inner = (q > 0.0) & (q < 1.0)
+    if a == b:
+        # The median of a symmetric beta is exactly 1/2. Iterating could land an ulp below it, and the
+        # beta scheduler's rint(0.5 * 999) = rint(499.5) sits on a rounding tie (scipy: 500).
+        out = np.where(q == 0.5, 0.5, out)
+        inner &= q != 0.5
     if not np.any(inner):
         return out
     qi = q[inner]
@@ -386,18 +391,26 @@ def beta_ppf(q: np.ndarray | float, a: float, b: float) -> np.ndarray:
     lo = np.zeros_like(qi)
     hi = np.ones_like(qi)
     x = np.full_like(qi, 0.5)
-    for _ in range(2000):  # bisection alone needs < 1100 halvings to reach any float64; Newton far fewer
-        f = betainc_regularized(a, b, x) - qi
-        lo = np.where(f < 0, x, lo)
-        hi = np.where(f < 0, hi, x)
+    active = np.ones(qi.shape, dtype=bool)
+    for _ in range(2000):  # bisection alone reaches any float64 in < 1100 halvings; Newton needs far fewer
+        f = betainc_regularized(a, b, x[active]) - qi[active]
+        xa, lo_a, hi_a = x[active], lo[active], hi[active]
+        lo_a = np.where(f < 0, xa, lo_a)
+        hi_a = np.where(f > 0, xa, hi_a)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            pdf = np.exp((a - 1.0) * np.log(x) + (b - 1.0) * np.log1p(-x) - log_beta)
-            newton = x - f / pdf
-        ok = np.isfinite(newton) & (newton > lo) & (newton < hi)
-        x_new = np.where(ok, newton, 0.5 * (lo + hi))
-        done = (np.abs(x_new - x) <= 2 * np.spacing(x)) | (f == 0)
-        x = x_new
-        if np.all(done):
+            pdf = np.exp((a - 1.0) * np.log(xa) + (b - 1.0) * np.log1p(-xa) - log_beta)
+            newton = xa - f / pdf
+        ok = np.isfinite(newton) & (newton >= lo_a) & (newton <= hi_a)
+        x_new = np.where(f == 0, xa, np.where(ok, newton, 0.5 * (lo_a + hi_a)))
+        # Rounding noise in the CDF (a few 1e-16) can make Newton cycle a few ulps around the root: stop on a
+        # tiny step (quadratic convergence: x_new is then as good as the CDF allows) or a collapsed bracket.
+        tight = hi_a - lo_a <= 64 * np.spacing(xa)
+        x_new = np.where(tight, 0.5 * (lo_a + hi_a), x_new)
+        done = tight | (np.abs(x_new - xa) <= 4 * np.spacing(xa))
+        x[active], lo[active], hi[active] = x_new, lo_a, hi_a
+        idx = np.flatnonzero(active)
+        active[idx[done]] = False
+        if not np.any(active):
             break
     out[inner] = x
     return out
@@ -867,7 +880,7 @@ def sample_lcm(
         if callback is not None:
             callback(i, total, x, denoised)
         x = denoised
-        if sigma_next > 0:
+        if sigma_next >= 0:
             x = FlowModelSampling.noise_scaling(sigma_next, noise_sampler(sigma, sigma_next), x)
     return x
 

@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,9 @@ from torch import nn
 
 from .fp8 import FP8, fp8_linear, quantize_weight_per_channel
 from .hardware import describe_device
+
+if TYPE_CHECKING:
+    from transformers import Qwen2_5_VLConfig
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +110,11 @@ class ScaledLinear(nn.Module):
     """nn.Linear whose weight may be fp8 codes times a float32 scale (per tensor [] or per channel [N]).
 
     fp8_matmul=True multiplies with `qwen_edit.fp8.fp8_linear` (fp8 tensor cores on SM >= 8.9; activations
-    quantized per token). Otherwise the weight is cast to the activation dtype for this call only and then
-    scaled, in that order and dtype, as ComfyUI's scaled_fp8 op does (Comfy-Org/ComfyUI@a125cd8:
-    comfy/ops.py:405-410); only one dequantized layer exists at a time.
+    quantized per token). Otherwise the weight is cast to the activation dtype for this call only (fp8 ->
+    bf16/fp32 is exact), so one dequantized layer exists at a time, and the scale multiplies the output:
+    x (W s)^T = (x W^T) s. ComfyUI scales the weight or the input depending on their sizes
+    (Comfy-Org/ComfyUI@a125cd8:comfy/ops.py:405-410), equal up to rounding; scaling the output needs no
+    scaled copy of the weight and never rounds the scale to bf16.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
@@ -130,11 +136,10 @@ class ScaledLinear(nn.Module):
             out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
             y = fp8_linear(x, self.weight, self.scale_weight, None, out_dtype).to(x.dtype)
             return y if bias is None else y + bias
-        weight = self.weight.to(x.dtype)
-        if self.scale_weight is not None:
-            scale = self.scale_weight.to(x.dtype)
-            weight = weight * (scale[:, None] if scale.ndim == 1 else scale)
-        return F.linear(x, weight, bias)
+        if self.scale_weight is None:
+            return F.linear(x, self.weight.to(x.dtype), bias)
+        y = (F.linear(x, self.weight.to(x.dtype)) * self.scale_weight).to(x.dtype)  # [] or [N] scale
+        return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
         return (
@@ -147,7 +152,7 @@ class ScaledLinear(nn.Module):
 # Building the empty model
 
 
-def text_encoder_config(config: dict | str | Path | None = None):
+def text_encoder_config(config: dict | str | Path | None = None) -> Qwen2_5_VLConfig:
     """A transformers `Qwen2_5_VLConfig`: the packaged 7B config, a config.json path, or a config dict."""
     from transformers import Qwen2_5_VLConfig
     from transformers.utils import logging as hf_logging
@@ -279,22 +284,25 @@ def plan_load(model: nn.Module, specs: dict[str, TensorSpec], source: str = "the
     if wrong_shape:
         problems.insert(0, f"{len(wrong_shape)} tensors have the wrong shape: {_few(wrong_shape, 3)}")
     if problems:
-        raise TextEncoderFileError(_mismatch_message(source, specs, problems, len(params), len(expected)))
+        hidden = expected["language_model.norm.weight"][0]
+        raise TextEncoderFileError(
+            _mismatch_message(source, specs, problems, len(params), len(expected), hidden)
+        )
     return LoadPlan(params, scales, unused)
 
 
 def _mismatch_message(
-    source: str, specs: dict[str, TensorSpec], problems: list[str], found: int, total: int
+    source: str, specs: dict[str, TensorSpec], problems: list[str], found: int, total: int, hidden: int
 ) -> str:
     return (
         f"{source} is not a Qwen2.5-VL-7B text encoder file as Qwen-Image-Edit-2509 needs it "
         f"({found} of {total} parameters found):\n  "
         + "\n  ".join(problems)
-        + f"\nIt looks like {guess_file_kind(specs)}.\nExpected {EXPECTED_FILES}."
+        + f"\nIt looks like {guess_file_kind(specs, hidden)}.\nExpected {EXPECTED_FILES}."
     )
 
 
-def guess_file_kind(specs: dict[str, TensorSpec]) -> str:
+def guess_file_kind(specs: dict[str, TensorSpec], hidden_size: int = 3584) -> str:
     """A best guess at what a safetensors file holds, for error messages."""
     keys = list(specs)
 
@@ -324,12 +332,13 @@ def guess_file_kind(specs: dict[str, TensorSpec]) -> str:
                 f"a text-only LLM ({n_layers} layers, hidden size {hidden}) without the vision tower; "
                 "the edit model needs Qwen2.5-VL-7B with its vision tower"
             )
-        if hidden != 3584:
+        if hidden != hidden_size:
             return (
                 f"a Qwen2.5-VL model of another size ({n_layers} layers, hidden size {hidden}); "
-                "Qwen-Image-Edit-2509 needs the 7B one (hidden size 3584)"
+                f"the model being loaded has hidden size {hidden_size} (Qwen-Image-Edit-2509 needs the 7B "
+                "one, 3584)"
             )
-        return "an incomplete or modified Qwen2.5-VL-7B file (a partial download is a common cause)"
+        return "an incomplete or modified Qwen2.5-VL file (a partial download is a common cause)"
     return "an unknown model"
 
 
@@ -445,18 +454,11 @@ def estimate_parameter_bytes(
     for name, key in plan.params.items():
         file_dtype, shape = specs[key]
         stored = _stored_dtype(roles.get(name, "other"), _ST_DTYPES[file_dtype], compute, dtype)
-        total += _numel(shape) * stored.itemsize
+        total += math.prod(shape) * stored.itemsize
         if stored == FP8 and not file_dtype.startswith("F8"):
             total += shape[0] * 4  # per-channel float32 scales made at load
-    total += sum(4 * max(1, _numel(specs[k][1])) for k in plan.scales.values())
+    total += sum(4 * max(1, math.prod(specs[k][1])) for k in plan.scales.values())
     return total
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def parameter_bytes(model: nn.Module) -> int:
@@ -499,12 +501,15 @@ def load_text_encoder(
     info = describe_device(device)
     if compute == "auto":
         compute = "fp8" if info.has_fp8_tensor_cores else "upcast"
+    elif compute == "fp8" and not info.has_fp8_tensor_cores:
+        log.warning(
+            "compute='fp8' on %s (%s): no fp8 tensor cores, so fp8 matmuls are emulated (slow)",
+            info.name,
+            info.sm,
+        )
     model = empty_text_encoder(config if config is not None else source.config)
     plan = plan_load(model, source.specs, str(source.path))
     _fill(model, plan, source, info.device, compute, dtype)
-    unfilled = [name for name, p in model.named_parameters() if p.is_meta]
-    if unfilled:  # guards against a transformers release that adds a parameter the plan does not know
-        raise TextEncoderFileError(f"{len(unfilled)} parameters were not filled: {_few(unfilled)}")
     model.to(info.device)  # the RoPE buffers
     model.qwen_edit_info = TextEncoderInfo(
         str(source.path),
@@ -689,25 +694,29 @@ def tiny_text_encoder_config(*, vision_config: dict | None = None, **text_overri
 
 
 @torch.no_grad()
-def random_text_encoder_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_text_encoder_weights(
+    config: dict, seed: int = 0, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
     """float32 weights for every parameter of the model `config` describes (Qwen2_5_VLModel names) plus
-    `lm_head.weight`, from a CPU generator seeded with `seed`, scaled so activations stay O(1)."""
+    `lm_head.weight`, from a generator on `device` seeded with `seed`, scaled so activations stay O(1).
+    (A GPU makes the full-size 7B weights for benchmarks in seconds.)"""
     model = empty_text_encoder(config)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
     weights = {}
     for name, param in model.named_parameters():
         shape = tuple(param.shape)
         if name.endswith("norm.weight") or "norm1" in name or "norm2" in name or "ln_q" in name:
-            value = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+            value = 1.0 + 0.1 * torch.randn(shape, generator=generator, device=device)
         elif name.endswith(".bias"):
-            value = 0.05 * torch.randn(shape, generator=generator)
+            value = 0.05 * torch.randn(shape, generator=generator, device=device)
         elif name.endswith("embed_tokens.weight"):
-            value = torch.randn(shape, generator=generator)
+            value = torch.randn(shape, generator=generator, device=device)
         else:  # Linear and patch conv: variance 1/fan_in keeps each layer's output near its input's scale
-            value = torch.randn(shape, generator=generator) / math.sqrt(math.prod(shape[1:]))
+            value = torch.randn(shape, generator=generator, device=device) / math.sqrt(math.prod(shape[1:]))
         weights[name] = value
     text = model.language_model.config
-    weights["lm_head.weight"] = torch.randn(text.vocab_size, text.hidden_size, generator=generator) * 0.05
+    lm_head = torch.randn(text.vocab_size, text.hidden_size, generator=generator, device=device)
+    weights["lm_head.weight"] = lm_head * 0.05
     return weights
 
 
@@ -723,6 +732,7 @@ def write_comfy_text_encoder(
     seed: int = 0,
     quant_format: str = "scaled_fp8",
     config: dict | None = None,
+    device: torch.device | str = "cpu",
     **config_overrides,
 ) -> dict:
     """Write a small random Qwen2.5-VL in ComfyUI's single-file format; returns its config dict.
@@ -741,7 +751,7 @@ def write_comfy_text_encoder(
     config = config if config is not None else tiny_text_encoder_config(**config_overrides)
     linear_weights = _linear_weight_names(config)
     tensors = {}
-    for name, value in random_text_encoder_weights(config, seed).items():
+    for name, value in random_text_encoder_weights(config, seed, device).items():
         key = "model." + name[len("language_model.") :] if name.startswith("language_model.") else name
         if fp8 and name in linear_weights:
             layer = key[: -len(".weight")]
@@ -760,7 +770,7 @@ def write_comfy_text_encoder(
         tensors["scaled_fp8"] = torch.empty(0, dtype=FP8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path))
     return config
 
 

@@ -20,11 +20,15 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,7 @@ _EMBEDDING = "embedding:"
 # Tokenizer
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The Qwen2.5 tokenizer from a folder with vocab.json + merges.txt (+ tokenizer_config.json) or
     tokenizer.json: ComfyUI's comfy/text_encoders/qwen25_tokenizer/ or the tokenizer/ folder (or the root)
     of Qwen/Qwen-Image-Edit-2509."""
@@ -96,7 +100,7 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def comfy_tokenize(tokenizer, text: str) -> list[int]:
+def comfy_tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids as ComfyUI's SDTokenizer.tokenize_with_weights with weights disabled (sd1_clip.py:526-626).
 
     Besides plain tokenization this keeps ComfyUI's quirks: `\\(` and `\\)` lose their backslash (the
@@ -168,7 +172,7 @@ def template_end(comfy_ids: Sequence[int], seq_len: int) -> int:
 
 
 def edit_prompt_token_ids(
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompt: str,
     n_images: int,
     image_token_counts: Sequence[int],
@@ -302,11 +306,12 @@ def vision_token_count(grid_thw: torch.Tensor | Sequence[int]) -> int:
 
 def encode_edit_prompt(
     text_encoder: torch.nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompt: str,
     images: Sequence[Image.Image | torch.Tensor | None],
 ) -> torch.Tensor:
-    """ComfyUI's TextEncodeQwenImageEditPlus conditioning: hidden states [1, L, 3584] (activation dtype).
+    """ComfyUI's TextEncodeQwenImageEditPlus conditioning: hidden states [1, L, 3584], float32 like ComfyUI's
+    (sd1_clip.py:267) whatever the encoder's activation dtype.
 
     images: the node's image slots in order; None marks an empty slot (numbering follows the slot, so
     [None, img] gives "Picture 2"). The vision tower sees each image at about 384x384; the reference
@@ -323,4 +328,4 @@ def encode_edit_prompt(
     hidden = encode_tokens(
         text_encoder, tokens.input_ids, images=vision_inputs, image_spans=tokens.image_spans
     )
-    return hidden[:, tokens.drop :]
+    return hidden[:, tokens.drop :].float()

@@ -38,11 +38,12 @@ from safetensors.torch import save_file
 CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "qwen_image_vae.json"
 
 SPATIAL_FACTOR = 8  # 3 stride-2 stages: one latent pixel per 8x8 image pixels
-DEFAULT_TILE_SIZE = 512  # pixels, ComfyUI's VAEDecodeTiled default
-DEFAULT_TILE_OVERLAP = 64  # pixels, ComfyUI's VAEDecodeTiled default
-# decode_latents(tiled=None) tiles above this many output pixels (2048x2048). ComfyUI budgets about
-# 2200 bytes x 64 per latent pixel for a one-frame Wan-2.1 decode in bf16 (comfy/sd.py, memory_used_decode):
-# ~4.6 GB at 1 MP, ~18 GB at 4 MP. The usual 1-2 MP Qwen outputs therefore decode untiled, as in ComfyUI.
+DEFAULT_TILE_SIZE = 512  # pixels, the default of ComfyUI's VAEDecodeTiled node (nodes.py)
+DEFAULT_TILE_OVERLAP = 64  # pixels, likewise
+# decode_latents(tiled=None) tiles above this many output pixels (2048x2048). Recent ComfyUI budgets
+# 2200 x 64 x dtype-size bytes per latent pixel for a one-frame Wan-2.1 decode (comfyanonymous/ComfyUI
+# comfy/sd.py, VAE.__init__, memory_used_decode): in bf16 ~4.6 GB at 1 MP, ~18 GB at 4 MP. The usual 1-2 MP
+# Qwen outputs therefore decode whole, as in ComfyUI, and bigger ones stay within a 24 GB card.
 AUTO_TILE_PIXELS = 2048 * 2048
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -163,6 +164,8 @@ def detect_layout(keys: Iterable[str], source: str = "weights") -> str:
     if prefixed:
         prefix = prefixed[0][: prefixed[0].index("decoder.")]
         hint = f"; it holds a VAE under the prefix {prefix!r} (a whole checkpoint?): extract the VAE first"
+    elif any("lora" in k.lower() for k in keys):
+        hint = "; it looks like a LoRA, not a VAE"
     elif any("transformer_blocks." in k for k in keys):
         hint = "; it looks like a diffusion transformer (DiT), not a VAE"
     elif any(k.startswith(("model.layers.", "visual.", "model.language_model.")) for k in keys):
@@ -244,12 +247,13 @@ def load_vae(
     device = torch.device("cpu") if device is None else torch.device(device)
     state = {}
     for file in files:
-        with safe_open(str(file), framework="pt", device=str(device)) as handle:
+        # Read on the CPU (memory-mapped) and copy once to the target: works for every device type.
+        with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 tensor = handle.get_tensor(key)
                 if not tensor.is_floating_point():
                     raise VAEFormatError(f"{path}: tensor {key} is {tensor.dtype}, expected floating point")
-                state[mapping[key]] = tensor if dtype is None else tensor.to(dtype)
+                state[mapping[key]] = tensor.to(device=device, dtype=dtype or tensor.dtype)
     model.load_state_dict(state, strict=True, assign=True)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:

@@ -48,3 +48,32 @@ def test_tiny_model_on_gpu_matches_cpu(tmp_path, precision, compute):
     y_gpu = gpu(**cuda_inputs)[0].float().cpu()
     error = ((y_gpu - y_cpu).norm() / y_cpu.norm()).item()
     assert error < (0.03 if compute == "bf16" else 0.1), error
+
+
+@torch.no_grad()
+def test_fp8_text_encoder_on_gpu_matches_cpu(tmp_path):
+    from qwen_edit.text_encoder import encode_tokens, load_text_encoder, write_comfy_text_encoder
+
+    path = tmp_path / "te.safetensors"
+    config = write_comfy_text_encoder(path)
+    ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
+    cpu = load_text_encoder(path, device="cpu", compute="upcast", dtype=torch.float32, config=config)
+    gpu = load_text_encoder(path, device="cuda", compute="auto", config=config)
+    y_cpu = encode_tokens(cpu, ids)
+    y_gpu = encode_tokens(gpu, ids.cuda()).float().cpu()
+    error = ((y_gpu - y_cpu).norm() / y_cpu.norm()).item()
+    assert error < 0.1, (gpu.qwen_edit_info.compute, error)
+
+
+def test_demo_pipeline_runs_on_gpu_and_is_deterministic(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from qwen_edit import QwenEditPipeline
+
+    pipe = QwenEditPipeline.demo(cache_dir=tmp_path, device="cuda")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    a = pipe.edit([image], "p", seed=4, width=64, height=64, cfg=2.0, negative_prompt="n")
+    b = pipe.edit([image], "p", seed=4, width=64, height=64, cfg=2.0, negative_prompt="n")
+    assert a.images[0].size == (64, 64)
+    assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import qwen_edit.vae
 from qwen_edit.vae import (
     AUTO_TILE_PIXELS,
     CONFIG_PATH,
@@ -23,6 +24,7 @@ from qwen_edit.vae import (
     crop_to_multiple,
     decode_latents,
     denormalize_latents,
+    detect_layout,
     encode_images,
     latent_stats,
     load_vae,
@@ -50,7 +52,7 @@ def manifest(shared_dir: Path) -> dict:
 def tiny_files(tmp_path_factory) -> dict[str, Path]:
     """A tiny ComfyUI-format VAE, plus the same weights as diffusers' layout made by diffusers itself."""
     root = tmp_path_factory.mktemp("vae")
-    comfy = write_comfy_vae(root / "qwen_image_vae.safetensors", base_dim=TINY, seed=0, diffusers_dir=root / "ours")
+    comfy = write_comfy_vae(root / "qwen_image_vae.safetensors", base_dim=TINY, diffusers_dir=root / "ours")
     # The reference goes through diffusers' own Wan-2.1 converter, an implementation independent of ours.
     reference = AutoencoderKLQwenImage.from_config({**vae_config(), "base_dim": TINY})
     reference.load_state_dict(convert_wan_vae_to_diffusers(load_file(comfy)), strict=True)
@@ -109,7 +111,8 @@ def test_mapping_equals_diffusers_own_wan_converter(manifest):
 
 
 def test_shipped_config_is_the_manifest_config(shared_dir):
-    configs = json.loads((shared_dir / "data" / "manifests" / "qwen_image_edit_2509_configs.json").read_text())
+    configs = shared_dir / "data" / "manifests" / "qwen_image_edit_2509_configs.json"
+    configs = json.loads(configs.read_text())
     assert json.loads(CONFIG_PATH.read_text()) == configs["vae"]["value"]
     assert vae_config()["latents_mean"] == WAN21_MEAN
     assert vae_config()["latents_std"] == WAN21_STD
@@ -145,16 +148,16 @@ def test_written_file_has_the_real_names_dtypes_and_scaled_shapes(manifest, tiny
 
 
 def test_round_trip_matches_diffusers_from_pretrained(tiny_files, tiny_vae):
-    reference = AutoencoderKLQwenImage.from_pretrained(tiny_files["repo"] / "vae", torch_dtype=torch.float32).eval()
+    reference = AutoencoderKLQwenImage.from_pretrained(tiny_files["repo"] / "vae", torch_dtype=torch.float32)
     ours = tiny_vae.state_dict()
     assert set(ours) == set(reference.state_dict())
     assert all(torch.equal(ours[name], p) for name, p in reference.state_dict().items())
 
-    image = photo()
+    image = photo(64, 48)
     latents = encode_images(tiny_vae, image)
-    assert latents.shape == (1, 16, 8, 12) and latents.dtype == torch.float32
+    assert latents.shape == (1, 16, 6, 8) and latents.dtype == torch.float32
 
-    # diffusers' QwenImageEditPlusPipeline: posterior mode, (z - mean) / std; before decode z / (1/std) + mean.
+    # diffusers' QwenImageEditPlusPipeline: posterior mode, (z - mean) / std; decodes z / (1/std) + mean.
     mean = torch.tensor(reference.config.latents_mean).view(1, 16, 1, 1, 1)
     inv_std = 1.0 / torch.tensor(reference.config.latents_std).view(1, 16, 1, 1, 1)
     with torch.no_grad():
@@ -164,14 +167,14 @@ def test_round_trip_matches_diffusers_from_pretrained(tiny_files, tiny_vae):
     assert torch.equal(latents, expected)
 
     decoded = decode_latents(tiny_vae, latents)
-    assert decoded.shape == (1, 3, 64, 96) and decoded.dtype == torch.float32
+    assert decoded.shape == (1, 3, 48, 64) and decoded.dtype == torch.float32
     assert decoded.abs().max() <= 1.0
     # z * std + mean (ComfyUI) vs z / (1/std) + mean (diffusers) differ by float rounding only.
     torch.testing.assert_close(decoded, expected_image, rtol=0, atol=1e-5)
 
 
 def test_diffusers_layouts_load_to_the_same_model(tiny_files, tiny_vae):
-    image = photo()
+    image = photo(32, 24)
     expected = encode_images(tiny_vae, image)
     sources = [
         tiny_files["repo"],  # repository root with vae/
@@ -188,27 +191,28 @@ def test_diffusers_layouts_load_to_the_same_model(tiny_files, tiny_vae):
 def test_bf16_default_runs_close_to_float32(tiny_files, tiny_vae):
     vae = load_vae(tiny_files["comfy"])
     assert vae.dtype == torch.bfloat16
-    image = photo(64, 48)
+    image = photo(32, 24)
     latents = encode_images(vae, image)
     assert latents.dtype == torch.float32
     torch.testing.assert_close(latents, encode_images(tiny_vae, image), rtol=0.05, atol=0.05)
     decoded = decode_latents(vae, latents)
-    assert decoded.dtype == torch.float32 and decoded.shape == (1, 3, 48, 64)
+    assert decoded.dtype == torch.float32 and decoded.shape == (1, 3, 24, 32)
     torch.testing.assert_close(decoded, decode_latents(tiny_vae, latents), rtol=0.05, atol=0.05)
 
 
 def test_encode_inputs_batches_crops_and_shapes(tiny_vae):
-    image = photo(96, 64)
+    image = photo(48, 32)
     from_pil = encode_images(tiny_vae, image)
     assert torch.equal(encode_images(tiny_vae, as_pixels(image)), from_pil)
     assert torch.equal(encode_images(tiny_vae, image.convert("RGBA")), from_pil)  # alpha dropped
     batch = encode_images(tiny_vae, [image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
-    assert batch.shape == (2, 16, 8, 12)
+    assert batch.shape == (2, 16, 4, 6)
     torch.testing.assert_close(batch[:1], from_pil, rtol=0, atol=1e-5)  # images are encoded independently
+    assert not torch.allclose(batch[1:], from_pil, atol=1e-2)
 
-    # ComfyUI's VAEEncode centre-crop: 101x70 -> 96x64 from offset ((101 % 8) // 2, (70 % 8) // 2) = (2, 3).
-    big = photo(101, 70)
-    cropped = big.crop((2, 3, 98, 67))
+    # ComfyUI's VAEEncode centre-crop: 53x38 -> 48x32 from offset ((53 % 8) // 2, (38 % 8) // 2) = (2, 3).
+    big = photo(53, 38)
+    cropped = big.crop((2, 3, 50, 35))
     assert torch.equal(encode_images(tiny_vae, big), encode_images(tiny_vae, cropped))
     assert crop_to_multiple(torch.zeros(1, 3, 70, 101)).shape == (1, 3, 64, 96)
 
@@ -268,7 +272,8 @@ class LocalDecoder(torch.nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("h", "w", "tile", "overlap"), [(13, 21, 64, 16), (16, 16, 64, 32), (9, 30, 96, 40), (8, 8, 64, 0)]
+    ("h", "w", "tile", "overlap"),
+    [(13, 21, 64, 16), (16, 16, 64, 32), (9, 30, 96, 40), (16, 16, 64, 48), (8, 20, 64, 0), (8, 8, 64, 0)],
 )
 def test_tiled_blending_is_exact_for_a_local_decoder(h, w, tile, overlap):
     vae = LocalDecoder()
@@ -297,16 +302,14 @@ def test_tiled_decode_is_close_to_whole_decode(tiny_vae):
 
 
 def test_auto_tiling_threshold_and_oom_fallback(monkeypatch):
+    assert AUTO_TILE_PIXELS == 2048 * 2048
+    monkeypatch.setattr(qwen_edit.vae, "AUTO_TILE_PIXELS", 128 * 128)
     vae = LocalDecoder()
-    side = int(AUTO_TILE_PIXELS**0.5) // 8  # latents whose image is exactly the threshold: not tiled
-    decode_latents(vae, torch.zeros(1, 16, 2, 2))
-    assert vae.calls == [(1, 16, 1, 2, 2)]
+    decode_latents(vae, torch.zeros(1, 16, 16, 16), tile_size=64, overlap=32)  # exactly the threshold
+    assert vae.calls == [(1, 16, 1, 16, 16)]
     vae.calls.clear()
-    decode_latents(vae, torch.zeros(1, 16, side, side), tile_size=2048, overlap=512)
-    assert len(vae.calls) == 1
-    vae.calls.clear()
-    decode_latents(vae, torch.zeros(1, 16, side, side + 1), tile_size=2048, overlap=512)
-    assert len(vae.calls) > 1
+    decode_latents(vae, torch.zeros(1, 16, 16, 17), tile_size=64, overlap=32)  # above: tiled
+    assert len(vae.calls) > 1 and all(shape[-1] <= 8 for shape in vae.calls)
 
     real_decode = vae.decode
 
@@ -350,13 +353,13 @@ def test_missing_paths_say_what_is_expected(tmp_path):
 
 def test_wrong_files_are_refused_with_a_reason(tmp_path):
     transformer = tmp_path / "qwen_image_edit_2509.safetensors"
-    save_file({"transformer_blocks.0.attn.to_q.weight": torch.zeros(4, 4), "img_in.weight": torch.zeros(4, 4)},
-              str(transformer))  # fmt: skip
+    dit = {"transformer_blocks.0.attn.to_q.weight": torch.zeros(4, 4), "img_in.weight": torch.zeros(4, 4)}
+    save_file(dit, str(transformer))
     with pytest.raises(VAEFormatError, match="not a Qwen-Image VAE.*diffusion transformer"):
         load_vae(transformer)
 
     checkpoint = tmp_path / "checkpoint.safetensors"
-    save_file({"first_stage_model.decoder.middle.0.residual.0.gamma": torch.zeros(4, 1, 1, 1)}, str(checkpoint))
+    save_file({"first_stage_model." + "decoder.middle.0.residual.0.gamma": torch.zeros(4)}, str(checkpoint))
     with pytest.raises(VAEFormatError, match="prefix 'first_stage_model.'"):
         load_vae(checkpoint)
 
@@ -416,3 +419,14 @@ def test_encode_input_errors(tiny_vae):
         encode_images(tiny_vae, [photo(16, 16), photo(24, 16)])
     with pytest.raises(TypeError):
         encode_images(tiny_vae, ["not an image"])
+
+
+def test_other_project_files_are_recognised_as_not_a_vae(shared_dir):
+    manifests = shared_dir / "data" / "manifests"
+    for name, hint in [
+        ("qwen_2.5_vl_7b_fp8_scaled.json", "text encoder"),
+        ("svdq_int4_r32_qwen_image_edit_2509.json", "diffusion transformer"),
+    ]:
+        keys = json.loads((manifests / name).read_text())["tensors"]
+        with pytest.raises(VAEFormatError, match=hint):
+            detect_layout(keys, name)

@@ -1,0 +1,111 @@
+"""Images in and out, as the ComfyUI workflow handles them.
+
+In: LoadImage (EXIF rotation, RGB, float in [0, 1]); TextEncodeQwenImageEditPlus's reference image
+(an "area" resize to about 1024x1024, sides multiples of 8); ImageScaleToTotalPixels (Lanczos to a
+pixel budget) and VAEEncode's centre crop for the output latent. Out: VAEDecode's clamp and SaveImage's
+8-bit conversion (truncation, not rounding), PNG with the generation parameters in a text chunk.
+Sources: comfy-semantics.md 1.1, 3 and 1.6 (ComfyUI nodes_qwen.py, nodes_post_processing.py, nodes.py).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, PngImagePlugin
+
+REFERENCE_AREA = 1024 * 1024  # nodes_qwen.py: the VAE reference image's pixel budget
+OUTPUT_MEGAPIXELS = 1.0  # the workflow's ImageScaleToTotalPixels(image1, "lanczos", 1.0)
+LATENT_MULTIPLE = 8
+
+
+def open_image(image: Image.Image | str | Path | bytes) -> Image.Image:
+    """LoadImage: EXIF orientation applied, alpha dropped (not composited), RGB."""
+    if isinstance(image, (str, Path)):
+        image = Image.open(image)
+    elif isinstance(image, bytes):
+        image = Image.open(io.BytesIO(image))
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"images must be PIL images, paths or bytes, got {type(image).__name__}")
+    image.load()
+    return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """[H, W, 3] float32 in [0, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+
+
+def area_resize(pixels: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """ComfyUI's common_upscale(..., "area"): adaptive average pooling on float pixels [H, W, 3]."""
+    return F.interpolate(pixels.permute(2, 0, 1)[None], size=(height, width), mode="area")[0].permute(1, 2, 0)
+
+
+def reference_size(width: int, height: int, area: int = REFERENCE_AREA) -> tuple[int, int]:
+    """The VAE reference image's size: about `area` (1024x1024) pixels, sides rounded to multiples of 8."""
+    scale = math.sqrt(area / (width * height))
+    w = round(width * scale / LATENT_MULTIPLE) * LATENT_MULTIPLE
+    h = round(height * scale / LATENT_MULTIPLE) * LATENT_MULTIPLE
+    return max(w, LATENT_MULTIPLE), max(h, LATENT_MULTIPLE)
+
+
+def reference_pixels(image: Image.Image, area: int = REFERENCE_AREA) -> torch.Tensor:
+    """The reference image for the VAE: [1, 3, h, w] in [-1, 1]."""
+    w, h = reference_size(*image.size, area)
+    pixels = area_resize(to_tensor(image), w, h)
+    return pixels.permute(2, 0, 1)[None] * 2 - 1
+
+
+def scale_to_megapixels(image: Image.Image, megapixels: float = OUTPUT_MEGAPIXELS) -> Image.Image:
+    """ImageScaleToTotalPixels: Lanczos (PIL, on 8-bit data) to `megapixels` * 1024^2 pixels."""
+    scale = math.sqrt(megapixels * 1024 * 1024 / (image.width * image.height))
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def output_pixels(
+    image: Image.Image, width: int | None, height: int | None, megapixels: float = OUTPUT_MEGAPIXELS
+) -> torch.Tensor:
+    """The image VAEEncode turns into the output latent: [1, 3, H, W] in [-1, 1], sides multiples of 8.
+
+    Without an explicit size it is image1 at one megapixel (the workflow's ImageScaleToTotalPixels),
+    centre-cropped to multiples of 8 as VAEEncode does; with one, image1 resized to exactly that size.
+    """
+    if width is None or height is None:
+        resized = scale_to_megapixels(image, megapixels)
+    else:
+        resized = image.resize((width, height), Image.Resampling.LANCZOS)
+    pixels = to_tensor(resized).permute(2, 0, 1)[None] * 2 - 1
+    h, w = pixels.shape[-2:]
+    top, left = (h % LATENT_MULTIPLE) // 2, (w % LATENT_MULTIPLE) // 2
+    return pixels[..., top : top + h // 8 * 8, left : left + w // 8 * 8]
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Decoded images [B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8, as VAEDecode + SaveImage do.
+
+    VAEDecode clamps (x + 1) / 2 to [0, 1]; SaveImage then truncates 255 * x (it does not round).
+    """
+    x = ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    return np.clip(255.0 * x.permute(0, 2, 3, 1).cpu().numpy(), 0, 255).astype(np.uint8)
+
+
+def png_bytes(image: Image.Image, parameters: dict) -> bytes:
+    """PNG with the generation parameters as JSON in a `parameters` text chunk."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", json.dumps(parameters, sort_keys=True))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info, compress_level=4)
+    return buffer.getvalue()
+
+
+def read_png_parameters(data: bytes) -> dict:
+    """The parameters `png_bytes` embedded, or {} if there are none."""
+    with Image.open(io.BytesIO(data)) as image:
+        text = image.text.get("parameters") if hasattr(image, "text") else None
+    return json.loads(text) if text else {}
