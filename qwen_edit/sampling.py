@@ -880,7 +880,7 @@ def sample_lcm(
         if callback is not None:
             callback(i, total, x, denoised)
         x = denoised
-        if sigma_next >= 0:
+        if sigma_next > 0:
             x = FlowModelSampling.noise_scaling(sigma_next, noise_sampler(sigma, sigma_next), x)
     return x
 
@@ -1020,7 +1020,7 @@ def sample(
     noise = prepare_noise(latent, seed, batch_index)
     device = latent.device if device is None else torch.device(device)
     noise, latent, sigmas = noise.to(device), latent.to(device), sigmas.to(device)
-    if process_latent_in is not None and torch.count_nonzero(latent) > 0:
+    if process_latent_in is not None:
         latent = process_latent_in(latent)
     x = ms.noise_scaling(sigmas[0], noise, latent)
     denoiser = make_cfg_denoiser(model_fn, cfg, cfg_norm_strength)

@@ -10,7 +10,8 @@ A settings file is YAML (or the same as a dict):
         vae: vae
         loras: loras
     models:
-      transformer: auto       # the Lightning 4-step file of this card's precision, or a file name
+      transformer: auto       # the Lightning 4-step file of this card's precision (auto-8steps: the
+                              # 8-step one), or a file name
       text_encoder: qwen_2.5_vl_7b_fp8_scaled.safetensors
       vae: qwen_image_vae.safetensors
       tokenizer: null         # a folder name under `tokenizers`, or null to look beside the encoder
@@ -22,7 +23,9 @@ A settings file is YAML (or the same as a dict):
     generation: {steps: 4, cfg: 1.0, sampler_name: euler, scheduler: simple, shift: 3.0}
 
 A bare extra_model_paths.yaml (sections with a base_path at the top level) works too, with the
-default model names.
+default model names. Several files can be layered (`load_settings([paths, preset])`): later ones
+override earlier ones key by key, so a generation preset (configs/lightning-8step.yaml) can sit on top
+of a paths file (configs/runpod-pod.yaml).
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ DEFAULT_MODELS = {
     "tokenizer": None,
     "loras": [],
 }
-TRANSFORMER_FILE = "svdq-{precision}_r{rank}-qwen-image-edit-2509-lightningv2.0-4steps.safetensors"
+TRANSFORMER_FILE = "svdq-{precision}_r{rank}-qwen-image-edit-2509-lightningv2.0-{steps}steps.safetensors"
+AUTO_TRANSFORMERS = {"auto": 4, "auto-4steps": 4, "auto-8steps": 8}  # the Lightning file for this card
 TOP_LEVEL_KEYS = {"model_paths", "models", "device", "backend", "compute", "offload", "generation"}
 
 
@@ -76,12 +80,12 @@ class Settings:
 
     def transformer_path(self, device: str | None) -> Path:
         name = self.models["transformer"]
-        if name != "auto":
+        if name not in AUTO_TRANSFORMERS:
             return self.folders.resolve("diffusion_models", name)
         info = describe_device(device)
         native = "fp4" if nunchaku_precision_error(info, "fp4") is None else "int4"
         candidates = [
-            TRANSFORMER_FILE.format(precision=p, rank=r)
+            TRANSFORMER_FILE.format(precision=p, rank=r, steps=AUTO_TRANSFORMERS[name])
             for p in (native, "int4" if native == "fp4" else "fp4")
             for r in (128, 32)
         ]
@@ -121,16 +125,45 @@ class Settings:
         return dict(self.generation)
 
 
-def load_settings(config: str | Path | Mapping) -> Settings:
-    base_dir = None
-    if not isinstance(config, Mapping):
-        path = Path(config)
-        if not path.is_file():
-            raise FileNotFoundError(f"settings file not found: {path}")
-        config = yaml.safe_load(path.read_text()) or {}
-        base_dir = path.parent
-    if not isinstance(config, Mapping):
-        raise ParameterError("config", "must be a mapping (YAML dictionary)")
+def _read(config: str | Path | Mapping) -> tuple[Mapping, Path | None]:
+    if isinstance(config, Mapping):
+        return config, None
+    path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"settings file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, Mapping):
+        raise ParameterError(str(path), "must be a YAML mapping")
+    if (
+        "model_paths" not in data
+        and data
+        and all(isinstance(v, Mapping) and "base_path" in v for v in data.values())
+    ):
+        data = {"model_paths": data}  # a bare extra_model_paths.yaml
+    return data, path.parent
+
+
+def _merge(base: dict, top: Mapping) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and key != "model_paths":
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_settings(config: str | Path | Mapping | list) -> Settings:
+    """Settings from one file or dict, or several layered in order (later keys win)."""
+    layers = config if isinstance(config, list) else [config]
+    if not layers:
+        raise ParameterError("config", "give at least one settings file")
+    config, base_dir = {}, None
+    for layer in layers:
+        data, folder = _read(layer)
+        if "model_paths" in data:
+            base_dir = folder  # relative base_paths are relative to the file that names them
+        config = _merge(config, data)
     if "model_paths" not in config and all(
         isinstance(v, Mapping) and "base_path" in v for v in config.values()
     ):
