@@ -1,8 +1,9 @@
 """Sampling maths of the ComfyUI Qwen-Image-Edit-2509 graph, without ComfyUI.
 
 Written in the style of k-diffusion's ``sampling.py``: plain functions over ``(model, x, sigmas, ...)``.
-Every piece reproduces what ComfyUI computes, in the same float32 operation order, so that the sigma
-schedules, the initial noise and the deterministic samplers match ComfyUI bit for bit on the same device.
+Every piece reproduces what ComfyUI computes, in the same float32 operation order: on the CPU, the sigma
+table, all six schedulers, the initial noise and all six samplers (given the same model and noise) were
+checked bit for bit against ComfyUI's own functions at the commit below.
 
 Source of truth (re-implemented here, not copied), cited as ``CUI:path:lines``:
     CUI = Comfy-Org/ComfyUI@a125cd84b054a57729b5eecab930ca9408719832 (2025-10-11), which is the
@@ -1020,7 +1021,7 @@ def sample(
     noise = prepare_noise(latent, seed, batch_index)
     device = latent.device if device is None else torch.device(device)
     noise, latent, sigmas = noise.to(device), latent.to(device), sigmas.to(device)
-    if process_latent_in is not None:
+    if process_latent_in is not None and torch.count_nonzero(latent) > 0:
         latent = process_latent_in(latent)
     x = ms.noise_scaling(sigmas[0], noise, latent)
     denoiser = make_cfg_denoiser(model_fn, cfg, cfg_norm_strength)
