@@ -21,19 +21,19 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import conditioning
+from . import conditioning, offload
 from .hardware import default_device
 from .lora import LoraReport, apply_loras
 from .model import comfy_forward
+from .offload import OffloadPlan
 from .params import MAX_IMAGES, EditParams, ParameterError
 from .sampling import SamplingCancelled, needs_uncond, sample, x0_from_flow
 
 log = logging.getLogger(__name__)
 
-OFFLOAD_MODES = ("none", "model")
 ProgressCallback = Callable[[int, int, "torch.Tensor | None"], None]
 
-__all__ = ["EditResult", "QwenEditPipeline", "SamplingCancelled"]
+__all__ = ["EditResult", "GPUOutOfMemoryError", "QwenEditPipeline", "SamplingCancelled"]
 
 
 @dataclass
@@ -69,25 +69,27 @@ class EditResult:
 class QwenEditPipeline:
     """Transformer + text encoder + tokenizer + VAE, and `edit()`.
 
-    Build it with `from_files`, `from_config` or `demo`. `offload="model"` keeps the text encoder and
-    the VAE in CPU memory and brings each to the GPU only for its stage.
+    Build it with `from_files`, `from_config` or `demo`. Memory: `set_offload` (or the same three
+    arguments of `from_files`) streams transformer blocks from CPU memory and keeps the text encoder and
+    VAE off the GPU between their stages when the card needs it; `offload_plan` says what was chosen.
     """
 
-    def __init__(self, transformer, text_encoder, tokenizer, vae, *, device=None, offload: str = "none"):
-        if offload not in OFFLOAD_MODES:
-            raise ParameterError("offload", f"must be one of {OFFLOAD_MODES}, got {offload!r}")
+    def __init__(
+        self, transformer, text_encoder, tokenizer, vae, *, device=None, encoders_on_cpu: bool = False
+    ):
         self.transformer = transformer
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.vae = vae
         self.device = torch.device(device) if device is not None else default_device()
-        self.offload = offload
+        self.encoders_on_cpu = encoders_on_cpu
+        self.offload_plan: OffloadPlan | None = None
         self.loras: list[tuple[str, float]] = []
         # The workflow's image budgets: references at ~1024x1024, the default output at 1 megapixel.
         # Only the demo changes them (a CPU can't run a tiny model at 1 MP "in seconds").
         self.reference_area = conditioning.REFERENCE_AREA
         self.output_megapixels = conditioning.OUTPUT_MEGAPIXELS
-        resident = self.device if offload == "none" else torch.device("cpu")
+        resident = torch.device("cpu") if encoders_on_cpu else self.device
         for module in (text_encoder, vae):
             module.to(resident)
 
@@ -105,7 +107,9 @@ class QwenEditPipeline:
         device: torch.device | str | None = None,
         backend: str = "auto",
         compute: str = "auto",
-        offload: str = "none",
+        cpu_offload: str = "auto",
+        num_blocks_on_gpu: int = 1,
+        use_pin_memory: bool = False,
         text_encoder_config: dict | str | Path | None = None,
     ) -> QwenEditPipeline:
         """Load the four files the ComfyUI workflow uses (plus the tokenizer folder) and any LoRAs.
@@ -113,6 +117,9 @@ class QwenEditPipeline:
         `tokenizer`: a folder with vocab.json, merges.txt and tokenizer_config.json (ComfyUI's bundled
         qwen25_tokenizer/) or the Hugging Face repo's tokenizer/ folder; None looks beside the text
         encoder file (`qwen25_tokenizer/`, `tokenizer/`) and in the Hugging Face cache.
+        `cpu_offload` ("auto", "enable", "disable"), `num_blocks_on_gpu`, `use_pin_memory`: the
+        ComfyUI-nunchaku loader's settings, see `set_offload`; decided before loading, so a model larger
+        than the card never lands on it whole.
         `text_encoder_config`: only for encoders that are not the 7B one (the demo's tiny model).
         """
         from .text_encoder import load_text_encoder
@@ -122,15 +129,28 @@ class QwenEditPipeline:
 
         device = torch.device(device) if device is not None else default_device()
         tokenizer_path = tokenizer if tokenizer is not None else find_tokenizer(Path(text_encoder))
-        staging = device if offload == "none" else torch.device("cpu")
+        sizes = offload.file_sizes(
+            transformer, text_encoder, vae, device=device, backend=backend, compute=compute
+        )
+        plan = offload.plan_offload(
+            cpu_offload=cpu_offload, num_blocks_on_gpu=num_blocks_on_gpu, use_pin_memory=use_pin_memory,
+            budget=offload.vram_budget(device) if device.type == "cuda" else None, **sizes,
+        )  # fmt: skip
+        log.info("offload: %s", plan.reason)
+        staging = torch.device("cpu") if plan.encoders_on_cpu else device
+        model = load_transformer(
+            transformer, backend=backend, compute=compute, device=device, use_pin_memory=plan.use_pin_memory,
+            num_blocks_on_gpu=plan.blocks_on_gpu if plan.streams_blocks else None,
+        )  # fmt: skip
         pipe = cls(
-            load_transformer(transformer, backend=backend, compute=compute, device=device),
+            model,
             load_text_encoder(text_encoder, device=staging, config=text_encoder_config),
             load_tokenizer(tokenizer_path),
             load_vae(vae, device=staging),
             device=device,
-            offload=offload,
+            encoders_on_cpu=plan.encoders_on_cpu,
         )
+        pipe.offload_plan = plan
         if loras:
             pipe.set_loras(loras)
         return pipe
@@ -140,7 +160,7 @@ class QwenEditPipeline:
         """Build from a YAML file or dict: model folders (ComfyUI's extra_model_paths.yaml keys) and names.
 
         See `configs/` for examples; `settings.load_settings` documents the keys. `overrides` replace
-        keyword arguments of `from_files` (device, backend, compute, offload, loras).
+        keyword arguments of `from_files` (device, backend, compute, cpu_offload, loras, ...).
         """
         from .settings import load_settings
 
@@ -172,6 +192,52 @@ class QwenEditPipeline:
         self.loras = loras
         log.info("LoRAs set in %.3fs: %s", report.seconds, report.applied)
         return report
+
+    # -- memory ----------------------------------------------------------------------------------
+
+    def set_offload(
+        self, cpu_offload: str = "auto", num_blocks_on_gpu: int = 1, use_pin_memory: bool = False
+    ) -> OffloadPlan:
+        """Reconfigure memory use without reloading: ComfyUI-nunchaku's three loader settings.
+
+        "disable" keeps everything on the GPU; "enable" keeps `num_blocks_on_gpu` transformer blocks
+        resident and streams the others from CPU memory (pinned with `use_pin_memory`: faster copies,
+        more locked host RAM), with the text encoder and VAE on the GPU only for their stage; "auto"
+        decides from free VRAM and the model sizes, and `offload_plan.reason` says what and why.
+        """
+        plan = offload.plan_offload(
+            cpu_offload=cpu_offload, num_blocks_on_gpu=num_blocks_on_gpu, use_pin_memory=use_pin_memory,
+            budget=self._budget(), **self._sizes(),
+        )  # fmt: skip
+        if plan.encoders_on_cpu:  # free memory first, then take it
+            self._place_encoders(True)
+        offload.set_block_offload(self.transformer, plan.blocks_on_gpu, plan.use_pin_memory)
+        if not plan.encoders_on_cpu:
+            self._place_encoders(False)
+        self.offload_plan = plan
+        log.info("offload: %s", plan.reason)
+        return plan
+
+    def _budget(self) -> int | None:
+        """GPU bytes for models and activations: what is free plus what this pipeline holds now."""
+        if self.device.type != "cuda":
+            return None
+        return offload.vram_budget(self.device) + torch.cuda.memory_allocated(self.device)
+
+    def _sizes(self) -> dict:
+        info = self.transformer.qwen_edit_info
+        sizes = offload.file_sizes(info.path, None, None, device=self.device, backend=info.backend,
+                                   compute=info.compute)  # fmt: skip
+        sizes["text_encoder_bytes"] = offload.module_bytes(self.text_encoder)
+        sizes["vae_bytes"] = offload.module_bytes(self.vae)
+        return sizes
+
+    def _place_encoders(self, on_cpu: bool) -> None:
+        self.encoders_on_cpu = on_cpu
+        for module in (self.text_encoder, self.vae):
+            module.to("cpu" if on_cpu else self.device)
+        if on_cpu and self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # -- the edit --------------------------------------------------------------------------------
 
@@ -207,6 +273,12 @@ class QwenEditPipeline:
             width=width, height=height, batch_size=batch_size,
         )  # fmt: skip
         pictures = _open_images(images)
+        try:
+            return self._edit(params, pictures, callback, cancel)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise self._out_of_memory(params, exc) from None
+
+    def _edit(self, params: EditParams, pictures: list[Image.Image], callback, cancel) -> EditResult:
         timings: dict = {}
         start = time.perf_counter()
 
@@ -247,6 +319,7 @@ class QwenEditPipeline:
             if callback is not None:
                 callback(i + 1, total, denoised)
 
+        self._stage_name = "sampling"
         samples = sample(
             model_fn, latent, seed=params.seed, steps=params.steps, cfg=params.cfg,
             sampler_name=params.sampler_name, scheduler=params.scheduler, denoise=params.denoise,
@@ -270,8 +343,9 @@ class QwenEditPipeline:
 
     @contextmanager
     def _stage(self, name: str, timings: dict, module: torch.nn.Module):
-        """Time a stage; with offload="model", bring its module to the GPU for it and back after."""
-        if self.offload == "model":
+        """Time a stage; with the encoders kept on the CPU, bring its module to the GPU for it and back."""
+        self._stage_name = name
+        if self.encoders_on_cpu:
             module.to(self.device)
         _sync(self.device)
         start = time.perf_counter()
@@ -280,8 +354,39 @@ class QwenEditPipeline:
         finally:
             _sync(self.device)
             timings[name] = time.perf_counter() - start
-            if self.offload == "model":
+            if self.encoders_on_cpu:
                 module.to("cpu")
+
+    def _out_of_memory(self, params: EditParams, exc: Exception) -> GPUOutOfMemoryError:
+        """The OOM error for users: where it happened and settings that should fit, memory released."""
+        stage = getattr(self, "_stage_name", "edit")
+        torch.cuda.empty_cache()
+        n = len(self.transformer.transformer_blocks)
+        current = self.offload_plan.blocks_on_gpu if self.offload_plan is not None else n
+        width, height = params.width or 1024, params.height or 1024
+        scale = max(1.0, width * height / 2**20 * params.batch_size)
+        auto = offload.plan_offload(
+            cpu_offload="auto", num_blocks_on_gpu=1, use_pin_memory=True, budget=self._budget(),
+            activation_scale=scale, **self._sizes(),
+        )  # fmt: skip
+        blocks = max(0, min(auto.blocks_on_gpu, current - max(1, n // 4)))
+        suggestion = {"cpu_offload": "enable", "num_blocks_on_gpu": blocks, "use_pin_memory": True}
+        message = (
+            f"CUDA ran out of GPU memory during {stage} (output {width}x{height}, batch {params.batch_size}; "
+            f"{current} of {n} transformer blocks resident). The pipeline is still usable. Settings that "
+            f"should fit: cpu_offload='enable', num_blocks_on_gpu={blocks}, use_pin_memory=True "
+            "(pipe.set_offload(...), or the same request fields), or a smaller size or batch_size."
+        )
+        log.error("%s (%s)", message, exc)
+        return GPUOutOfMemoryError(message, suggestion)
+
+
+class GPUOutOfMemoryError(RuntimeError):
+    """CUDA ran out of memory in an edit; `.suggestion` holds offload settings that should fit."""
+
+    def __init__(self, message: str, suggestion: dict):
+        super().__init__(message)
+        self.suggestion = suggestion
 
 
 def _sync(device: torch.device) -> None:

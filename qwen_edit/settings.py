@@ -19,7 +19,9 @@ A settings file is YAML (or the same as a dict):
     device: auto              # auto, cuda, cuda:1, cpu
     backend: auto             # auto, nunchaku, portable
     compute: auto             # auto, bf16, fp8
-    offload: none             # none, model
+    cpu_offload: auto         # auto, enable, disable (ComfyUI-nunchaku's loader settings)
+    num_blocks_on_gpu: 1      # with enable: transformer blocks kept on the GPU
+    use_pin_memory: false     # pinned host memory for streamed blocks
     generation: {steps: 4, cfg: 1.0, sampler_name: euler, scheduler: simple, shift: 3.0}
 
 A bare extra_model_paths.yaml (sections with a base_path at the top level) works too, with the
@@ -49,7 +51,10 @@ DEFAULT_MODELS = {
 }
 TRANSFORMER_FILE = "svdq-{precision}_r{rank}-qwen-image-edit-2509-lightningv2.0-{steps}steps.safetensors"
 AUTO_TRANSFORMERS = {"auto": 4, "auto-4steps": 4, "auto-8steps": 8}  # the Lightning file for this card
-TOP_LEVEL_KEYS = {"model_paths", "models", "device", "backend", "compute", "offload", "generation"}
+TOP_LEVEL_KEYS = {
+    "model_paths", "models", "device", "backend", "compute", "generation",
+    "cpu_offload", "num_blocks_on_gpu", "use_pin_memory",
+}  # fmt: skip
 
 
 @dataclass
@@ -59,7 +64,9 @@ class Settings:
     device: str = "auto"
     backend: str = "auto"
     compute: str = "auto"
-    offload: str = "none"
+    cpu_offload: str = "auto"
+    num_blocks_on_gpu: int = 1
+    use_pin_memory: bool = False
     generation: dict = field(default_factory=dict)
 
     def pipeline_kwargs(self) -> dict:
@@ -75,7 +82,9 @@ class Settings:
             "device": device,
             "backend": self.backend,
             "compute": self.compute,
-            "offload": self.offload,
+            "cpu_offload": self.cpu_offload,
+            "num_blocks_on_gpu": self.num_blocks_on_gpu,
+            "use_pin_memory": self.use_pin_memory,
         }
 
     def transformer_path(self, device: str | None) -> Path:
@@ -187,7 +196,9 @@ def load_settings(config: str | Path | Mapping | list) -> Settings:
         device=str(config.get("device", "auto")),
         backend=str(config.get("backend", "auto")),
         compute=str(config.get("compute", "auto")),
-        offload=str(config.get("offload", "none")),
+        cpu_offload=str(config.get("cpu_offload", "auto")),
+        num_blocks_on_gpu=int(config.get("num_blocks_on_gpu", 1)),
+        use_pin_memory=bool(config.get("use_pin_memory", False)),
         generation=dict(config.get("generation") or {}),
     )
     settings.edit_defaults()

@@ -31,7 +31,7 @@ from .svdq.checkpoint import (
     load_tensors,
     read_checkpoint,
 )
-from .svdq.layers import INT4_FC2_SHIFT, AWQLinear, SVDQLinear
+from .svdq.layers import INT4_FC2_SHIFT, AWQLinear, DequantizedLinear, SVDQLinear
 
 log = logging.getLogger(__name__)
 
@@ -110,33 +110,36 @@ def load_transformer(
     compute: str = "auto",
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.bfloat16,
+    num_blocks_on_gpu: int | None = None,
+    use_pin_memory: bool = False,
 ) -> nn.Module:
     """Load a Nunchaku SVDQ Qwen-Image(-Edit) transformer file.
 
     compute (portable backend): "bf16" dequantizes every 4-bit layer once into `dtype` weights; "fp8"
     stores them as fp8 with per-channel scales (half the memory; fp8 tensor cores on SM >= 8.9);
     "auto" picks fp8 where the card has fp8 tensor cores. `dtype` is the activation dtype.
+    num_blocks_on_gpu: None keeps every block on the device; a number streams the blocks from that one
+    on from CPU memory (pinned with `use_pin_memory`), see offload.py. They never occupy the GPU whole.
     """
     start = time.perf_counter()
     ckpt = read_checkpoint(path)
     info = describe_device(device)
     chosen, reason = choose_backend(backend, info, ckpt.precision, nunchaku_available())
+    streamed_from = ckpt.num_layers if num_blocks_on_gpu is None else num_blocks_on_gpu
     if chosen == "nunchaku":
         model = _load_nunchaku(ckpt, info, dtype)
         mode = f"nunchaku-{ckpt.precision}"
     else:
         mode = choose_compute(compute, info)
-        model = _load_portable(ckpt, info.device, mode, dtype)
+        model = _load_portable(ckpt, info.device, mode, dtype, streamed_from)
+    seconds = time.perf_counter() - start
     model.qwen_edit_info = TransformerInfo(
-        str(ckpt.path),
-        chosen,
-        mode,
-        ckpt.precision,
-        ckpt.rank,
-        str(info.device),
-        reason,
-        time.perf_counter() - start,
+        str(ckpt.path), chosen, mode, ckpt.precision, ckpt.rank, str(info.device), reason, seconds
     )
+    if streamed_from < ckpt.num_layers:
+        from .offload import set_block_offload
+
+        set_block_offload(model, streamed_from, use_pin_memory)
     log.info("transformer loaded: %s", model.qwen_edit_info)
     return model
 
@@ -162,7 +165,9 @@ def quantized_layer_kinds(num_layers: int, precision: str) -> dict[str, tuple[st
 
 
 @torch.no_grad()
-def _load_portable(ckpt: SVDQCheckpoint, device: torch.device, compute: str, dtype: torch.dtype) -> nn.Module:
+def _load_portable(
+    ckpt: SVDQCheckpoint, device: torch.device, compute: str, dtype: torch.dtype, streamed_from: int
+) -> nn.Module:
     problems = check_tensors(ckpt.tensors, expected_tensors(ckpt.config, ckpt.precision, ckpt.rank))
     if problems:
         raise CheckpointError(_mismatch_message(ckpt, problems))
@@ -172,6 +177,13 @@ def _load_portable(ckpt: SVDQCheckpoint, device: torch.device, compute: str, dty
     with ckpt.open() as f:
         for prefix, keys in layers.items():
             kind, shift = kinds[prefix]
+            if int(prefix.split(".")[1]) >= streamed_from:  # a streamed block: its layers get no weights
+                in_features = 2 * ckpt.tensors[keys["qweight"]][0][1]  # [N or N/4, K/2] in both kinds
+                out_features = ckpt.tensors[keys["bias"]][0][0]
+                layer = DequantizedLinear.shell(out_features, in_features, compute, dtype)
+                parent, _, leaf = prefix.rpartition(".")
+                setattr(model.get_submodule(parent), leaf, layer)
+                continue
             tensors = load_tensors(f, {n: k for n, k in keys.items() if n not in UNUSED_AT_RUNTIME})
             if kind == "svdq":
                 layer = SVDQLinear.from_packed(

@@ -112,20 +112,47 @@ class DequantizedLinear(nn.Module):
         if compute not in COMPUTE_MODES:
             raise ValueError(f"compute must be one of {COMPUTE_MODES}, got {compute!r}")
         self.compute = compute
+        self.dtype = dtype
         self.out_features, self.in_features = weight.shape
-        if compute == "fp8":
-            codes, scale = fp8.quantize_weight_per_channel(weight)
-            self.weight = nn.Parameter(codes, requires_grad=False)
-            self.weight_scale = nn.Parameter(scale, requires_grad=False)
-        else:
-            self.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
-            self.weight_scale = None
+        self.weight = self.weight_scale = None
+        self.set_weight(weight)
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
         # LoRA side branch y += (x @ lora_down.T) @ lora_up.T, every LoRA of this layer concatenated
         # along the rank with its strength folded into lora_up (lora.py). Buffers, so they move with
         # the module (offload) and never touch the weight.
         self.register_buffer("lora_down", None)
         self.register_buffer("lora_up", None)
+
+    @classmethod
+    def shell(
+        cls, out_features: int, in_features: int, compute: str, dtype: torch.dtype
+    ) -> DequantizedLinear:
+        """A layer without its weight (a streamed block's, offload.py); it gets one from set_weight."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.compute, layer.dtype = compute, dtype
+        layer.out_features, layer.in_features = out_features, in_features
+        layer.weight = layer.weight_scale = None
+        layer.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False)
+        layer.register_buffer("lora_down", None)
+        layer.register_buffer("lora_up", None)
+        return layer
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Store a float effective weight in this layer's compute form (in place when shapes allow)."""
+        if self.compute == "fp8":
+            codes, scale = fp8.quantize_weight_per_channel(weight)
+            if self.weight is not None and self.weight.device == codes.device:
+                self.weight.copy_(codes)
+                self.weight_scale.copy_(scale)
+            else:
+                self.weight = nn.Parameter(codes, requires_grad=False)
+                self.weight_scale = nn.Parameter(scale, requires_grad=False)
+        elif self.weight is not None and self.weight.device == weight.device:
+            self.weight.copy_(weight)
+        else:
+            self.weight = nn.Parameter(weight.to(self.dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.compute == "fp8":

@@ -1,0 +1,384 @@
+"""Transformer block offload for the portable backend, and choosing offload settings from free VRAM.
+
+Blocks `num_blocks_on_gpu` and above leave the GPU. What stays in CPU memory is each block's *packed*
+file tensors (4-bit codes, scales, low-rank factors: ~0.56 bytes per weight, against 1 for fp8 and 2 for
+bf16), pinned when `use_pin_memory`. When the model runs, each offloaded block is streamed through one
+GPU buffer block: its packed tensors are copied to a staging slot on a side CUDA stream one block
+ahead (two slots, ping-pong, as Nunchaku's CPUOffloadManager does), then expanded into the buffer's
+bf16/fp8 weights on the compute stream right before the block runs. The copy of block i+1 overlaps the
+expansion and compute of block i; after the last block the first offloaded one is prefetched for the
+next step. Numerics are identical to the resident model: the same expansion runs, only later.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .svdq.checkpoint import group_by_layer, read_checkpoint
+from .svdq.layers import DequantizedLinear, awq_dense, svdq_dense
+
+log = logging.getLogger(__name__)
+
+CPU_OFFLOAD_MODES = ("auto", "enable", "disable")
+GIB = 2**30
+# Activation headroom per stage at 1 megapixel, from the H100 runs in benchmarks/RESULTS.md, rounded up:
+# the whole edit peaked 4.1 GiB above its weights (the VAE decode); a transformer step 1.3 GiB; the
+# text encoder's forward under 1 GiB.
+ACTIVATION_BYTES = {"transformer": int(2.0 * GIB), "text_encoder": int(1.0 * GIB), "vae": int(4.5 * GIB)}
+# Expanding one streamed layer needs float32 temporaries: the largest layer (12288 x 3072) three times.
+EXPAND_BYTES = int(0.5 * GIB)
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    """What the pipeline keeps where, and why (`reason` is meant for logs and `qwen-edit doctor`)."""
+
+    blocks_on_gpu: int  # transformer blocks resident on the GPU; the rest are streamed
+    num_blocks: int
+    use_pin_memory: bool
+    encoders_on_cpu: bool  # text encoder and VAE brought to the GPU only for their stage
+    reason: str
+
+    @property
+    def streams_blocks(self) -> bool:
+        return self.blocks_on_gpu < self.num_blocks
+
+
+# -- streaming ------------------------------------------------------------------------------------
+
+
+class BlockStreamer:
+    """Streams transformer blocks [first, num_blocks) through one GPU buffer block.
+
+    The streamed blocks stay in `model.transformer_blocks` as shells (their layers keep bias, LoRA
+    branch and names, not weights), so LoRAs and module names work the same as on resident blocks.
+    """
+
+    def __init__(self, model: nn.Module, pin: bool, device: torch.device):
+        from .transformer import quantized_layer_kinds
+
+        info = model.qwen_edit_info
+        self.device, self.blocks = device, model.transformer_blocks
+        self.pin = pin and torch.cuda.is_available()
+        self.first = len(self.blocks)  # nothing streamed until set_first
+        self.precision = info.precision
+        self.ckpt = read_checkpoint(info.path)
+        kinds = quantized_layer_kinds(self.ckpt.num_layers, self.ckpt.precision)
+        self.layer_keys, _ = group_by_layer(list(self.ckpt.tensors), set(kinds))
+        self.kinds = {name.split(".", 2)[2]: kind for name, kind in kinds.items()}
+        self.packed: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+        self.buffer: nn.Module | None = None
+        self.staging: list = []
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._reset_events()
+
+    def _reset_events(self) -> None:
+        self.copied: list = [None, None]
+        self.consumed: list = [None, None]
+        self.pending: dict[int, int] = {}  # block index -> staging slot its copy went to
+
+    @torch.no_grad()
+    def set_first(self, first: int) -> None:
+        """Stream blocks [first, n): strip newly streamed blocks, restore newly resident ones."""
+        n = len(self.blocks)
+        first = max(0, min(first, n))
+        if self.copy_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        for index in range(self.first, min(first, n)):
+            self._restore(index)
+        if first < self.first:
+            with self.ckpt.open() as f:
+                for index in range(first, self.first):
+                    self._read_packed(f, index)
+                    self._strip(index)
+        self.first = first
+        self._reset_events()
+        if first >= n:
+            self.buffer, self.staging = None, []
+        elif self.buffer is None:
+            self.buffer = _allocate_like(self.blocks[first], self.device)
+            self.staging = [
+                {layer: {k: torch.empty_like(v, device=self.device) for k, v in t.items()}
+                 for layer, t in self.packed[first].items()}
+                for _ in range(2)
+            ]  # fmt: skip
+
+    def _read_packed(self, handle, index: int) -> None:
+        prefix = f"transformer_blocks.{index}."
+        block_layers = {}
+        for name, keys in self.layer_keys.items():
+            if name.startswith(prefix):
+                tensors = {k: handle.get_tensor(key) for k, key in keys.items() if k != "smooth_factor_orig"}
+                block_layers[name[len(prefix) :]] = {
+                    k: v.pin_memory() if self.pin else v for k, v in tensors.items()
+                }
+        self.packed[index] = block_layers
+
+    def _strip(self, index: int) -> None:
+        """Drop block `index`'s weights (if it has any) and route its forward through the buffer."""
+        block = self.blocks[index]
+        for module in block.modules():
+            if isinstance(module, DequantizedLinear):
+                module.weight = None
+                module.weight_scale = None
+        block.to("cpu")
+        block.forward = functools.partial(self._run, index)
+
+    def _restore(self, index: int) -> None:
+        """Put block `index` back on the GPU in its resident form."""
+        block = self.blocks[index]
+        del block.forward
+        block.to(self.device)
+        for name, module in block.named_modules():
+            if isinstance(module, DequantizedLinear):
+                tensors = {k: v.to(self.device) for k, v in self.packed[index][name].items()}
+                module.set_weight(self._dense(name, tensors)[0])
+        del self.packed[index]
+
+    def _dense(self, layer: str, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        kind, shift = self.kinds[layer]
+        return svdq_dense(tensors, self.precision, shift) if kind == "svdq" else awq_dense(tensors)
+
+    def _prefetch(self, index: int) -> None:
+        if index in self.pending:
+            return
+        slot = (index - self.first) % 2
+        self.pending[index] = slot
+        if self.copy_stream is None:  # CPU: plain copies, same code path
+            for layer, tensors in self.packed[index].items():
+                for k, v in tensors.items():
+                    self.staging[slot][layer][k].copy_(v)
+            return
+        # The slot is free once the block that used it last has been expanded on the compute stream.
+        if self.consumed[slot] is not None:
+            self.copy_stream.wait_event(self.consumed[slot])
+        else:
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            for layer, tensors in self.packed[index].items():
+                for k, v in tensors.items():
+                    self.staging[slot][layer][k].copy_(v, non_blocking=True)
+            self.copied[slot] = torch.cuda.Event()
+            self.copied[slot].record(self.copy_stream)
+
+    @torch.no_grad()
+    def _materialize(self, index: int) -> None:
+        """Expand block `index`'s staged packed tensors into the buffer block (compute stream)."""
+        self._prefetch(index)
+        slot = self.pending.pop(index)
+        if self.copy_stream is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
+        source = self.blocks[index]
+        for name, module in self.buffer.named_modules():
+            if isinstance(module, DequantizedLinear):
+                weight, bias = self._dense(name, self.staging[slot][name])
+                module.set_weight(weight)
+                module.bias.copy_(bias)
+                own = source.get_submodule(name)
+                module.lora_down = None if own.lora_down is None else own.lora_down.to(self.device)
+                module.lora_up = None if own.lora_up is None else own.lora_up.to(self.device)
+            elif not any(True for _ in module.children()):  # the q/k RMSNorm weights: copied as they are
+                for pname, param in module.named_parameters(recurse=False):
+                    own = getattr(source.get_submodule(name), pname)
+                    param.copy_(own, non_blocking=True)
+        if self.copy_stream is not None:
+            self.consumed[slot] = torch.cuda.Event()
+            self.consumed[slot].record(torch.cuda.current_stream(self.device))
+
+    def _run(self, index: int, *args, **kwargs):
+        self._materialize(index)
+        # Copy the next streamed block (after the last one: the first, for the next step) while this
+        # one computes.
+        self._prefetch(index + 1 if index + 1 < len(self.blocks) else self.first)
+        return self.buffer(*args, **kwargs)
+
+
+def _allocate_like(block: nn.Module, device: torch.device) -> nn.Module:
+    """A GPU copy of a stripped block with empty weights of the right shapes, for the streamer."""
+    forward = block.__dict__.pop("forward", None)  # the shell's forward points at the streamer: not copied
+    try:
+        buffer = copy.deepcopy(block)
+    finally:
+        if forward is not None:
+            block.forward = forward
+    buffer.to(device)
+    for module in buffer.modules():
+        if isinstance(module, DequantizedLinear):
+            module.set_weight(torch.zeros(module.out_features, module.in_features, device=device))
+    return buffer
+
+
+def estimate_transformer_bytes(ckpt, compute: str, backend: str) -> tuple[int, int, int]:
+    """(bytes of one block on the GPU, of one block packed, of everything else), from the file header."""
+    block_bytes = other = 0
+    for name, (shape, dtype) in ckpt.tensors.items():
+        size = math.prod(shape) * dtype.itemsize
+        if not name.startswith("transformer_blocks."):
+            other += size
+        elif name.startswith("transformer_blocks.0."):
+            block_bytes += size
+    if backend == "portable":  # dequantized: one (fp8) or two (bf16) bytes per weight
+        per_weight = 1 if compute == "fp8" else 2
+        weights = 0
+        for name, (shape, _) in ckpt.tensors.items():
+            if name.startswith("transformer_blocks.0.") and name.endswith(".qweight"):
+                weights += math.prod(shape) * (8 if len(shape) == 2 and "_mod." in name else 2)
+        return weights * per_weight, block_bytes, other
+    return block_bytes, block_bytes, other
+
+
+def set_block_offload(model: nn.Module, num_blocks_on_gpu: int, use_pin_memory: bool) -> None:
+    """Stream blocks >= `num_blocks_on_gpu` from CPU memory; >= the block count turns streaming off.
+
+    Changing the setting moves only the blocks whose place changes.
+    """
+    n = len(model.transformer_blocks)
+    if getattr(model.qwen_edit_info, "backend", "portable") == "nunchaku":
+        # Nunchaku's own CPUOffloadManager (nunchaku-format.md 4) takes the same two settings.
+        if num_blocks_on_gpu >= n:
+            model.set_offload(False)
+        else:
+            model.set_offload(
+                True, num_blocks_on_gpu=max(1, num_blocks_on_gpu), use_pin_memory=use_pin_memory
+            )
+        return
+    streamer: BlockStreamer | None = getattr(model, "_qwen_edit_streamer", None)
+    if streamer is not None and streamer.pin != (use_pin_memory and torch.cuda.is_available()):
+        streamer.set_first(n)  # bring everything back, then re-read into the other kind of host memory
+        streamer = None
+    if streamer is None:
+        if num_blocks_on_gpu >= n:
+            model._qwen_edit_streamer = None
+            return
+        streamer = BlockStreamer(model, use_pin_memory, model.img_in.weight.device)
+    streamer.set_first(num_blocks_on_gpu)
+    model._qwen_edit_streamer = streamer if num_blocks_on_gpu < n else None
+    if streamer.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# -- choosing settings ----------------------------------------------------------------------------
+
+
+def module_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def vram_budget(device: torch.device) -> int:
+    """Bytes this process may still allocate: free memory, capped by a per-process memory fraction."""
+    free, total = torch.cuda.mem_get_info(device)
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = getter(device) if getter is not None else 1.0
+    cap = int(total * fraction) - torch.cuda.memory_reserved(device)
+    return min(free, cap)
+
+
+def plan_offload(
+    *,
+    cpu_offload: str,
+    num_blocks_on_gpu: int,
+    use_pin_memory: bool,
+    num_blocks: int,
+    block_bytes: int,
+    packed_block_bytes: int,
+    other_transformer_bytes: int,
+    text_encoder_bytes: int,
+    vae_bytes: int,
+    budget: int | None,
+    activation_scale: float = 1.0,
+) -> OffloadPlan:
+    """Decide where things live. `budget`: GPU bytes available for the models and the activations.
+
+    "disable": everything resident. "enable": blocks >= num_blocks_on_gpu streamed (Nunchaku's meaning),
+    text encoder and VAE brought to the GPU per stage. "auto": the least offload that fits `budget`:
+    nothing; else encoders per stage; else as many resident blocks as fit, the rest streamed.
+    `activation_scale`: output megapixels times batch size, relative to the 1 MP measurements.
+    """
+    if cpu_offload not in CPU_OFFLOAD_MODES:
+        raise ValueError(f"cpu_offload must be one of {CPU_OFFLOAD_MODES}, got {cpu_offload!r}")
+    if not 0 <= num_blocks_on_gpu <= num_blocks:
+        raise ValueError(f"num_blocks_on_gpu must be in [0, {num_blocks}], got {num_blocks_on_gpu}")
+
+    def plan(blocks: int, encoders_on_cpu: bool, reason: str) -> OffloadPlan:
+        return OffloadPlan(blocks, num_blocks, use_pin_memory, encoders_on_cpu, reason)
+
+    if cpu_offload == "disable":
+        return plan(num_blocks, False, "cpu_offload='disable'")
+    if cpu_offload == "enable":
+        return plan(num_blocks_on_gpu, True, f"cpu_offload='enable', num_blocks_on_gpu={num_blocks_on_gpu}")
+    if budget is None:
+        return plan(num_blocks, False, "not a CUDA device: nothing to offload")
+    gib = lambda n: f"{n / GIB:.1f} GiB"  # noqa: E731
+    act = {k: int(v * max(activation_scale, 1.0)) for k, v in ACTIVATION_BYTES.items()}
+    transformer = other_transformer_bytes + num_blocks * block_bytes
+    need_all = transformer + text_encoder_bytes + vae_bytes + max(act.values())
+    if need_all <= budget:
+        return plan(num_blocks, False, f"everything fits: {gib(need_all)} of {gib(budget)}")
+    # The stages take turns: the text encoder's, each step's and the VAE's peaks never coincide.
+    stage_peak = max(text_encoder_bytes + act["text_encoder"], vae_bytes + act["vae"], act["transformer"])
+    if transformer + stage_peak <= budget:
+        reason = f"{gib(need_all)} don't fit {gib(budget)}; the transformer does with the encoders per stage"
+        return plan(num_blocks, True, reason)
+    # Streaming costs one expanded buffer block, two staging slots of packed tensors and temporaries.
+    fixed = other_transformer_bytes + block_bytes + 2 * packed_block_bytes + EXPAND_BYTES + stage_peak
+    resident = (budget - fixed) // block_bytes
+    if resident < 0:
+        raise MemoryError(
+            f"even with every transformer block streamed this needs ~{gib(fixed)} of GPU memory and "
+            f"{gib(budget)} are available. Close other GPU programs, use compute='fp8' (half the block "
+            "size), a smaller image, or a card with more memory."
+        )
+    blocks = int(min(num_blocks, resident))
+    reason = (
+        f"{gib(budget)} available: {blocks} of {num_blocks} blocks resident "
+        f"({block_bytes / GIB:.2f} GiB each), the rest streamed; encoders on the GPU per stage"
+    )
+    return plan(blocks, True, reason)
+
+
+def file_sizes(
+    transformer: str | Path,
+    text_encoder: str | Path | None,
+    vae: str | Path | None,
+    *,
+    device: torch.device,
+    backend: str,
+    compute: str,
+) -> dict:
+    """plan_offload's size arguments from the files (headers and sizes only, nothing loaded)."""
+    from .hardware import describe_device
+    from .transformer import choose_backend, choose_compute, nunchaku_available
+
+    ckpt = read_checkpoint(transformer)
+    info = describe_device(device)
+    if backend not in ("portable", "nunchaku"):
+        backend = choose_backend(backend, info, ckpt.precision, nunchaku_available())[0]
+    if compute not in ("bf16", "fp8"):
+        compute = choose_compute(compute, info) if backend == "portable" else compute
+    block_bytes, packed_block_bytes, other = estimate_transformer_bytes(ckpt, compute, backend)
+    return {
+        "num_blocks": ckpt.num_layers,
+        "block_bytes": block_bytes,
+        "packed_block_bytes": packed_block_bytes,
+        "other_transformer_bytes": other,
+        # fp8 encoders stay fp8 in memory and the VAE stays bf16: their files are a fair estimate.
+        "text_encoder_bytes": _path_bytes(text_encoder),
+        "vae_bytes": _path_bytes(vae),
+    }
+
+
+def _path_bytes(path: str | Path | None) -> int:
+    if path is None:
+        return 0
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*.safetensors"))
+    return path.stat().st_size
