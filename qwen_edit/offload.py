@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import fp8
 from .svdq.checkpoint import group_by_layer, read_checkpoint
 from .svdq.layers import DequantizedLinear, awq_dense, svdq_dense
 
@@ -56,10 +57,15 @@ class OffloadPlan:
 
 
 class BlockStreamer:
-    """Streams transformer blocks [first, num_blocks) through one GPU buffer block.
+    """Streams transformer blocks [first, num_blocks) through GPU buffer blocks.
 
-    The streamed blocks stay in `model.transformer_blocks` as shells (their layers keep bias, LoRA
-    branch and names, not weights), so LoRAs and module names work the same as on resident blocks.
+    What the CPU keeps per streamed block is chosen by what costs less per block (measured on an
+    H200, benchmarks/RESULTS.md): with fp8 compute, the fp8 weights themselves (1 byte per weight,
+    copied straight into one of two ping-pong buffer blocks, nothing to expand); with bf16 compute, the
+    packed file tensors (0.64 bytes per weight against 2), copied to a staging slot and expanded into
+    one buffer block on the compute stream. The streamed blocks stay in `model.transformer_blocks` as
+    shells (their layers keep bias, LoRA branch and names, not weights), so LoRAs and module names work
+    as on resident blocks.
     """
 
     def __init__(self, model: nn.Module, pin: bool, device: torch.device):
@@ -70,12 +76,13 @@ class BlockStreamer:
         self.pin = pin and torch.cuda.is_available()
         self.first = len(self.blocks)  # nothing streamed until set_first
         self.precision = info.precision
+        self.form = "weights" if info.compute == "fp8" else "packed"
         self.ckpt = read_checkpoint(info.path)
         kinds = quantized_layer_kinds(self.ckpt.num_layers, self.ckpt.precision)
         self.layer_keys, _ = group_by_layer(list(self.ckpt.tensors), set(kinds))
         self.kinds = {name.split(".", 2)[2]: kind for name, kind in kinds.items()}
-        self.packed: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
-        self.buffer: nn.Module | None = None
+        self.host: dict[int, dict[str, dict[str, torch.Tensor]]] = {}  # block -> layer -> tensors
+        self.buffers: list[nn.Module] = []
         self.staging: list = []
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._reset_events()
@@ -83,7 +90,7 @@ class BlockStreamer:
     def _reset_events(self) -> None:
         self.copied: list = [None, None]
         self.consumed: list = [None, None]
-        self.pending: dict[int, int] = {}  # block index -> staging slot its copy went to
+        self.pending: dict[int, int] = {}  # block index -> slot its copy went to
 
     @torch.no_grad()
     def set_first(self, first: int) -> None:
@@ -97,33 +104,42 @@ class BlockStreamer:
         if first < self.first:
             with self.ckpt.open() as f:
                 for index in range(first, self.first):
-                    self._read_packed(f, index)
+                    self._read(f, index)
                     self._strip(index)
         self.first = first
         self._reset_events()
         if first >= n:
-            self.buffer, self.staging = None, []
-        elif self.buffer is None:
-            self.buffer = _allocate_like(self.blocks[first], self.device)
-            self.staging = [
-                {layer: {k: torch.empty_like(v, device=self.device) for k, v in t.items()}
-                 for layer, t in self.packed[first].items()}
-                for _ in range(2)
-            ]  # fmt: skip
+            self.buffers, self.staging = [], []
+        elif not self.buffers:
+            count = 2 if self.form == "weights" else 1
+            self.buffers = [_allocate_like(self.blocks[first], self.device) for _ in range(count)]
+            if self.form == "weights":  # copies land in the buffers' own parameters
+                self.staging = [_layer_tensors(buffer) for buffer in self.buffers]
+            else:
+                self.staging = [
+                    {layer: {k: torch.empty_like(v, device=self.device) for k, v in t.items()}
+                     for layer, t in self.host[first].items()}
+                    for _ in range(2)
+                ]  # fmt: skip
 
-    def _read_packed(self, handle, index: int) -> None:
+    def _read(self, handle, index: int) -> None:
+        """Keep block `index` in host memory, in this streamer's form."""
         prefix = f"transformer_blocks.{index}."
         block_layers = {}
         for name, keys in self.layer_keys.items():
-            if name.startswith(prefix):
-                tensors = {k: handle.get_tensor(key) for k, key in keys.items() if k != "smooth_factor_orig"}
-                block_layers[name[len(prefix) :]] = {
-                    k: v.pin_memory() if self.pin else v for k, v in tensors.items()
-                }
-        self.packed[index] = block_layers
+            if not name.startswith(prefix):
+                continue
+            layer = name[len(prefix) :]
+            tensors = {k: handle.get_tensor(key) for k, key in keys.items() if k != "smooth_factor_orig"}
+            if self.form == "weights":  # expand once now (on the GPU, where that is fast)
+                weight, bias = self._dense(layer, {k: v.to(self.device) for k, v in tensors.items()})
+                codes, scale = fp8.quantize_weight_per_channel(weight)
+                tensors = {"weight": codes.cpu(), "weight_scale": scale.cpu(), "bias": bias.cpu()}
+            block_layers[layer] = {k: v.pin_memory() if self.pin else v for k, v in tensors.items()}
+        self.host[index] = block_layers
 
     def _strip(self, index: int) -> None:
-        """Drop block `index`'s weights (if it has any) and route its forward through the buffer."""
+        """Drop block `index`'s weights (if it has any) and route its forward through the buffers."""
         block = self.blocks[index]
         for module in block.modules():
             if isinstance(module, DequantizedLinear):
@@ -139,66 +155,93 @@ class BlockStreamer:
         block.to(self.device)
         for name, module in block.named_modules():
             if isinstance(module, DequantizedLinear):
-                tensors = {k: v.to(self.device) for k, v in self.packed[index][name].items()}
-                module.set_weight(self._dense(name, tensors)[0])
-        del self.packed[index]
+                tensors = {k: v.to(self.device) for k, v in self.host[index][name].items()}
+                if self.form == "weights":
+                    module.weight = nn.Parameter(tensors["weight"], requires_grad=False)
+                    module.weight_scale = nn.Parameter(tensors["weight_scale"], requires_grad=False)
+                else:
+                    module.set_weight(self._dense(name, tensors)[0])
+        del self.host[index]
 
     def _dense(self, layer: str, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         kind, shift = self.kinds[layer]
         return svdq_dense(tensors, self.precision, shift) if kind == "svdq" else awq_dense(tensors)
 
+    def _slot(self, index: int) -> int:
+        return (index - self.first) % 2
+
     def _prefetch(self, index: int) -> None:
         if index in self.pending:
             return
-        slot = (index - self.first) % 2
+        slot = self._slot(index)
         self.pending[index] = slot
         if self.copy_stream is None:  # CPU: plain copies, same code path
-            for layer, tensors in self.packed[index].items():
-                for k, v in tensors.items():
-                    self.staging[slot][layer][k].copy_(v)
+            _copy_into(self.staging[slot], self.host[index], non_blocking=False)
             return
-        # The slot is free once the block that used it last has been expanded on the compute stream.
+        # The slot is free once the block that used it last is done with it (see `consumed`).
         if self.consumed[slot] is not None:
             self.copy_stream.wait_event(self.consumed[slot])
         else:
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
-            for layer, tensors in self.packed[index].items():
-                for k, v in tensors.items():
-                    self.staging[slot][layer][k].copy_(v, non_blocking=True)
+            _copy_into(self.staging[slot], self.host[index], non_blocking=True)
             self.copied[slot] = torch.cuda.Event()
             self.copied[slot].record(self.copy_stream)
 
+    def _release(self, slot: int) -> None:
+        if self.copy_stream is not None:
+            self.consumed[slot] = torch.cuda.Event()
+            self.consumed[slot].record(torch.cuda.current_stream(self.device))
+
     @torch.no_grad()
-    def _materialize(self, index: int) -> None:
-        """Expand block `index`'s staged packed tensors into the buffer block (compute stream)."""
+    def _materialize(self, index: int) -> nn.Module:
+        """Make a buffer hold block `index` (compute stream) and return it."""
         self._prefetch(index)
         slot = self.pending.pop(index)
         if self.copy_stream is not None:
             torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
+        buffer = self.buffers[slot % len(self.buffers)]
         source = self.blocks[index]
-        for name, module in self.buffer.named_modules():
+        for name, module in buffer.named_modules():
             if isinstance(module, DequantizedLinear):
-                weight, bias = self._dense(name, self.staging[slot][name])
-                module.set_weight(weight)
-                module.bias.copy_(bias)
+                if self.form == "packed":
+                    weight, bias = self._dense(name, self.staging[slot][name])
+                    module.set_weight(weight)
+                    module.bias.copy_(bias)
                 own = source.get_submodule(name)
                 module.lora_down = None if own.lora_down is None else own.lora_down.to(self.device)
                 module.lora_up = None if own.lora_up is None else own.lora_up.to(self.device)
             elif not any(True for _ in module.children()):  # the q/k RMSNorm weights: copied as they are
                 for pname, param in module.named_parameters(recurse=False):
-                    own = getattr(source.get_submodule(name), pname)
-                    param.copy_(own, non_blocking=True)
-        if self.copy_stream is not None:
-            self.consumed[slot] = torch.cuda.Event()
-            self.consumed[slot].record(torch.cuda.current_stream(self.device))
+                    param.copy_(getattr(source.get_submodule(name), pname), non_blocking=True)
+        if self.form == "packed":
+            self._release(slot)  # the staging slot was read by the expansion
+        return buffer
 
     def _run(self, index: int, *args, **kwargs):
-        self._materialize(index)
+        buffer = self._materialize(index)
         # Copy the next streamed block (after the last one: the first, for the next step) while this
         # one computes.
         self._prefetch(index + 1 if index + 1 < len(self.blocks) else self.first)
-        return self.buffer(*args, **kwargs)
+        out = buffer(*args, **kwargs)
+        if self.form == "weights":  # the buffer's weights were the copy target: free after the compute
+            self._release(self._slot(index))
+        return out
+
+
+def _layer_tensors(block: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """{layer: {"weight", "weight_scale", "bias"}} views of a buffer block's quantized layers."""
+    return {
+        name: {"weight": m.weight.data, "weight_scale": m.weight_scale.data, "bias": m.bias.data}
+        for name, m in block.named_modules()
+        if isinstance(m, DequantizedLinear)
+    }
+
+
+def _copy_into(target: dict, source: dict, non_blocking: bool) -> None:
+    for layer, tensors in source.items():
+        for k, v in tensors.items():
+            target[layer][k].copy_(v, non_blocking=non_blocking)
 
 
 def _allocate_like(block: nn.Module, device: torch.device) -> nn.Module:
@@ -274,10 +317,11 @@ def module_bytes(module: nn.Module) -> int:
 
 def vram_budget(device: torch.device) -> int:
     """Bytes this process may still allocate: free memory, capped by a per-process memory fraction."""
-    free, total = torch.cuda.mem_get_info(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
     getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    fraction = getter(device) if getter is not None else 1.0
-    cap = int(total * fraction) - torch.cuda.memory_reserved(device)
+    fraction = getter(index) if getter is not None else 1.0
+    cap = int(total * fraction) - torch.cuda.memory_reserved(index)
     return min(free, cap)
 
 
@@ -288,7 +332,7 @@ def plan_offload(
     use_pin_memory: bool,
     num_blocks: int,
     block_bytes: int,
-    packed_block_bytes: int,
+    stream_buffer_bytes: int,
     other_transformer_bytes: int,
     text_encoder_bytes: int,
     vae_bytes: int,
@@ -327,8 +371,7 @@ def plan_offload(
     if transformer + stage_peak <= budget:
         reason = f"{gib(need_all)} don't fit {gib(budget)}; the transformer does with the encoders per stage"
         return plan(num_blocks, True, reason)
-    # Streaming costs one expanded buffer block, two staging slots of packed tensors and temporaries.
-    fixed = other_transformer_bytes + block_bytes + 2 * packed_block_bytes + EXPAND_BYTES + stage_peak
+    fixed = other_transformer_bytes + stream_buffer_bytes + stage_peak
     resident = (budget - fixed) // block_bytes
     if resident < 0:
         raise MemoryError(
@@ -342,6 +385,14 @@ def plan_offload(
         f"({block_bytes / GIB:.2f} GiB each), the rest streamed; encoders on the GPU per stage"
     )
     return plan(blocks, True, reason)
+
+
+def stream_buffer_bytes(block_bytes: int, packed_block_bytes: int, compute: str) -> int:
+    """GPU memory that streaming itself takes (BlockStreamer): two fp8 buffer blocks, or one buffer
+    block plus two packed staging slots and the expansion's float32 temporaries."""
+    if compute == "fp8":
+        return 2 * block_bytes
+    return block_bytes + 2 * packed_block_bytes + EXPAND_BYTES
 
 
 def file_sizes(
@@ -367,7 +418,7 @@ def file_sizes(
     return {
         "num_blocks": ckpt.num_layers,
         "block_bytes": block_bytes,
-        "packed_block_bytes": packed_block_bytes,
+        "stream_buffer_bytes": stream_buffer_bytes(block_bytes, packed_block_bytes, compute),
         "other_transformer_bytes": other,
         # fp8 encoders stay fp8 in memory and the VAE stays bf16: their files are a fair estimate.
         "text_encoder_bytes": _path_bytes(text_encoder),
