@@ -37,7 +37,7 @@ def block_arithmetic(path: Path, compute: str, inputs: dict) -> dict:
     model = load_transformer(path, backend="portable", compute=compute, device="cuda", num_blocks_on_gpu=59,
                              use_pin_memory=True)  # fmt: skip
     streamer = model._qwen_edit_streamer
-    packed = streamer.packed[59]
+    packed = streamer.host[59]  # what is kept in (pinned) host memory for a streamed block
     nbytes = sum(t.numel() * t.element_size() for layer in packed.values() for t in layer.values())
     pageable = {layer: {k: v.clone() for k, v in t.items()} for layer, t in packed.items()}  # clone: unpinned
 
@@ -53,6 +53,7 @@ def block_arithmetic(path: Path, compute: str, inputs: dict) -> dict:
 
     def expand():
         streamer.pending[59] = 0
+        streamer.copied[0] = None  # the staging copy above already finished
         streamer._materialize(59)
 
     expand_ms = cuda_ms(expand)

@@ -16,6 +16,7 @@ import copy
 import functools
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,7 +199,7 @@ class BlockStreamer:
         """Make a buffer hold block `index` (compute stream) and return it."""
         self._prefetch(index)
         slot = self.pending.pop(index)
-        if self.copy_stream is not None:
+        if self.copy_stream is not None and self.copied[slot] is not None:
             torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
         buffer = self.buffers[slot % len(self.buffers)]
         source = self.blocks[index]
@@ -338,6 +339,7 @@ def plan_offload(
     vae_bytes: int,
     budget: int | None,
     activation_scale: float = 1.0,
+    host_available: int | None = None,
 ) -> OffloadPlan:
     """Decide where things live. `budget`: GPU bytes available for the models and the activations.
 
@@ -345,6 +347,8 @@ def plan_offload(
     text encoder and VAE brought to the GPU per stage. "auto": the least offload that fits `budget`:
     nothing; else encoders per stage; else as many resident blocks as fit, the rest streamed.
     `activation_scale`: output megapixels times batch size, relative to the 1 MP measurements.
+    "auto" also pins host memory for streamed blocks when the streamed bytes take less than half of
+    `host_available` RAM: pinned copies ran 7x faster and hid behind compute (benchmarks/RESULTS.md).
     """
     if cpu_offload not in CPU_OFFLOAD_MODES:
         raise ValueError(f"cpu_offload must be one of {CPU_OFFLOAD_MODES}, got {cpu_offload!r}")
@@ -380,6 +384,9 @@ def plan_offload(
             "size), a smaller image, or a card with more memory."
         )
     blocks = int(min(num_blocks, resident))
+    streamed = (num_blocks - blocks) * block_bytes
+    if host_available is not None and streamed < host_available // 2:
+        use_pin_memory = True
     reason = (
         f"{gib(budget)} available: {blocks} of {num_blocks} blocks resident "
         f"({block_bytes / GIB:.2f} GiB each), the rest streamed; encoders on the GPU per stage"
@@ -424,6 +431,14 @@ def file_sizes(
         "text_encoder_bytes": _path_bytes(text_encoder),
         "vae_bytes": _path_bytes(vae),
     }
+
+
+def host_available_bytes() -> int | None:
+    """Free host RAM (Linux), or None where it can't be read."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _path_bytes(path: str | Path | None) -> int:

@@ -134,7 +134,8 @@ class QwenEditPipeline:
         )
         plan = offload.plan_offload(
             cpu_offload=cpu_offload, num_blocks_on_gpu=num_blocks_on_gpu, use_pin_memory=use_pin_memory,
-            budget=offload.vram_budget(device) if device.type == "cuda" else None, **sizes,
+            budget=offload.vram_budget(device) if device.type == "cuda" else None,
+            host_available=offload.host_available_bytes(), **sizes,
         )  # fmt: skip
         log.info("offload: %s", plan.reason)
         staging = torch.device("cpu") if plan.encoders_on_cpu else device
@@ -207,7 +208,7 @@ class QwenEditPipeline:
         """
         plan = offload.plan_offload(
             cpu_offload=cpu_offload, num_blocks_on_gpu=num_blocks_on_gpu, use_pin_memory=use_pin_memory,
-            budget=self._budget(), **self._sizes(),
+            budget=self._budget(), host_available=offload.host_available_bytes(), **self._sizes(),
         )  # fmt: skip
         if plan.encoders_on_cpu:  # free memory first, then take it
             self._place_encoders(True)
