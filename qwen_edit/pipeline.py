@@ -110,6 +110,7 @@ class QwenEditPipeline:
         cpu_offload: str = "auto",
         num_blocks_on_gpu: int = 1,
         use_pin_memory: bool = False,
+        compile: bool = False,
         text_encoder_config: dict | str | Path | None = None,
     ) -> QwenEditPipeline:
         """Load the four files the ComfyUI workflow uses (plus the tokenizer folder) and any LoRAs.
@@ -120,6 +121,8 @@ class QwenEditPipeline:
         `cpu_offload` ("auto", "enable", "disable"), `num_blocks_on_gpu`, `use_pin_memory`: the
         ComfyUI-nunchaku loader's settings, see `set_offload`; decided before loading, so a model larger
         than the card never lands on it whole.
+        `compile`: torch.compile the transformer blocks (portable backend; ~15 s at the first step of
+        each image size, then 1.3-1.9x faster steps on an H100).
         `text_encoder_config`: only for encoders that are not the 7B one (the demo's tiny model).
         """
         from .text_encoder import load_text_encoder
@@ -141,7 +144,7 @@ class QwenEditPipeline:
         staging = torch.device("cpu") if plan.encoders_on_cpu else device
         model = load_transformer(
             transformer, backend=backend, compute=compute, device=device, use_pin_memory=plan.use_pin_memory,
-            num_blocks_on_gpu=plan.blocks_on_gpu if plan.streams_blocks else None,
+            num_blocks_on_gpu=plan.blocks_on_gpu if plan.streams_blocks else None, compile=compile,
         )  # fmt: skip
         pipe = cls(
             model,

@@ -22,6 +22,7 @@ A settings file is YAML (or the same as a dict):
     cpu_offload: auto         # auto, enable, disable (ComfyUI-nunchaku's loader settings)
     num_blocks_on_gpu: 1      # with enable: transformer blocks kept on the GPU
     use_pin_memory: false     # pinned host memory for streamed blocks
+    compile: false            # torch.compile the transformer blocks (portable backend)
     generation: {steps: 4, cfg: 1.0, sampler_name: euler, scheduler: simple, shift: 3.0}
 
 A bare extra_model_paths.yaml (sections with a base_path at the top level) works too, with the
@@ -53,7 +54,7 @@ TRANSFORMER_FILE = "svdq-{precision}_r{rank}-qwen-image-edit-2509-lightningv2.0-
 AUTO_TRANSFORMERS = {"auto": 4, "auto-4steps": 4, "auto-8steps": 8}  # the Lightning file for this card
 TOP_LEVEL_KEYS = {
     "model_paths", "models", "device", "backend", "compute", "generation",
-    "cpu_offload", "num_blocks_on_gpu", "use_pin_memory",
+    "cpu_offload", "num_blocks_on_gpu", "use_pin_memory", "compile",
 }  # fmt: skip
 
 
@@ -67,6 +68,7 @@ class Settings:
     cpu_offload: str = "auto"
     num_blocks_on_gpu: int = 1
     use_pin_memory: bool = False
+    compile: bool = False
     generation: dict = field(default_factory=dict)
 
     def pipeline_kwargs(self) -> dict:
@@ -85,6 +87,7 @@ class Settings:
             "cpu_offload": self.cpu_offload,
             "num_blocks_on_gpu": self.num_blocks_on_gpu,
             "use_pin_memory": self.use_pin_memory,
+            "compile": self.compile,
         }
 
     def transformer_path(self, device: str | None) -> Path:
@@ -199,6 +202,7 @@ def load_settings(config: str | Path | Mapping | list) -> Settings:
         cpu_offload=str(config.get("cpu_offload", "auto")),
         num_blocks_on_gpu=int(config.get("num_blocks_on_gpu", 1)),
         use_pin_memory=bool(config.get("use_pin_memory", False)),
+        compile=bool(config.get("compile", False)),
         generation=dict(config.get("generation") or {}),
     )
     settings.edit_defaults()

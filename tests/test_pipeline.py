@@ -143,6 +143,9 @@ def test_png_carries_the_parameters(pipe, tmp_path):
 
 
 def test_from_config_resolves_names_in_comfyui_folders(demo_dir, tmp_path):
+    from qwen_edit.demo import demo_files
+
+    te_config = demo_files(demo_dir)["text_encoder_config"]  # writes the demo files if not there yet
     models = tmp_path / "models"
     files = {
         "diffusion_models": "svdq-int4_r16-demo.safetensors",
@@ -153,7 +156,6 @@ def test_from_config_resolves_names_in_comfyui_folders(demo_dir, tmp_path):
         (models / folder).mkdir(parents=True)
         shutil.copy(demo_dir / name, models / folder / name)
     shutil.copytree(demo_dir / "qwen25_tokenizer", models / "clip" / "qwen25_tokenizer")
-    from qwen_edit.demo import demo_files
 
     config = {
         "model_paths": {
@@ -174,7 +176,6 @@ def test_from_config_resolves_names_in_comfyui_folders(demo_dir, tmp_path):
     }
     path = tmp_path / "settings.yaml"
     path.write_text(yaml.safe_dump(config))
-    te_config = demo_files(demo_dir)["text_encoder_config"]
     pipe = QwenEditPipeline.from_config(path, text_encoder_config=te_config, compute="bf16")
     assert pipe.transformer.qwen_edit_info.backend == "portable"
     result = pipe.edit([picture(64, 64)], "p", width=32, height=32)
