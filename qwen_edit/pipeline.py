@@ -174,7 +174,11 @@ class QwenEditPipeline:
 
     @classmethod
     def demo(
-        cls, cache_dir: str | Path | None = None, device: torch.device | str | None = "cpu"
+        cls,
+        cache_dir: str | Path | None = None,
+        device: torch.device | str | None = "cpu",
+        compute: str = "bf16",
+        compile: bool = False,
     ) -> QwenEditPipeline:
         """A tiny random-weight pipeline in the real file formats (written once into a cache folder).
 
@@ -183,7 +187,7 @@ class QwenEditPipeline:
         from .demo import DEMO_OUTPUT_MEGAPIXELS, DEMO_REFERENCE_AREA, demo_files
 
         files = demo_files(cache_dir)
-        pipe = cls.from_files(**files, device=device, backend="portable", compute="bf16")
+        pipe = cls.from_files(**files, device=device, backend="portable", compute=compute, compile=compile)
         pipe.reference_area, pipe.output_megapixels = DEMO_REFERENCE_AREA, DEMO_OUTPUT_MEGAPIXELS
         return pipe
 
