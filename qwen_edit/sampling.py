@@ -628,9 +628,26 @@ class BrownianTreeNoiseSampler:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _poll(cancel: CancelCheck | None, i: int, total: int) -> None:
+def _denoise(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    i: int,
+    callback: StepCallback | None,
+    cancel: CancelCheck | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What every sampler does first in step i: poll `cancel`, call the model, report progress.
+
+    Returns (sigma, sigma_next, denoised). `callback` sees the state before the step's update.
+    """
+    total = len(sigmas) - 1
     if cancel is not None and cancel():
         raise SamplingCancelled(i, total)
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    denoised = model(x, sigma * x.new_ones([x.shape[0]]))
+    if callback is not None:
+        callback(i, total, x, denoised)
+    return sigma, sigma_next, denoised
 
 
 def _to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
@@ -650,15 +667,9 @@ def sample_euler(
 ) -> torch.Tensor:
     """Euler (CUI:comfy/k_diffusion/sampling.py:184-206, s_churn=0): ``x += (x - x0)/s * (s' - s)``."""
     total = len(sigmas) - 1
-    s_in = x.new_ones([x.shape[0]])
     for i in range(total):
-        _poll(cancel, i, total)
-        sigma = sigmas[i]
-        denoised = model(x, sigma * s_in)
-        d = _to_d(x, sigma, denoised)
-        if callback is not None:
-            callback(i, total, x, denoised)
-        x = x + d * (sigmas[i + 1] - sigma)
+        sigma, sigma_next, denoised = _denoise(model, x, sigmas, i, callback, cancel)
+        x = x + _to_d(x, sigma, denoised) * (sigma_next - sigma)
     return x
 
 
@@ -684,13 +695,8 @@ def sample_euler_ancestral(
     """
     noise_sampler = default_noise_sampler(x, seed=seed) if noise_sampler is None else noise_sampler
     total = len(sigmas) - 1
-    s_in = x.new_ones([x.shape[0]])
     for i in range(total):
-        _poll(cancel, i, total)
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in)
-        if callback is not None:
-            callback(i, total, x, denoised)
+        sigma, sigma_next, denoised = _denoise(model, x, sigmas, i, callback, cancel)
         if sigma_next == 0:
             x = denoised
             continue
@@ -719,12 +725,8 @@ def sample_heun(
     total = len(sigmas) - 1
     s_in = x.new_ones([x.shape[0]])
     for i in range(total):
-        _poll(cancel, i, total)
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in)
+        sigma, sigma_next, denoised = _denoise(model, x, sigmas, i, callback, cancel)
         d = _to_d(x, sigma, denoised)
-        if callback is not None:
-            callback(i, total, x, denoised)
         dt = sigma_next - sigma
         if sigma_next == 0:
             x = x + d * dt
@@ -751,14 +753,9 @@ def sample_dpmpp_2m(
     update ``(s'/s) x + (1 - s'/s) x0`` is exactly flow Euler; later steps extrapolate x0 linearly in t.
     """
     total = len(sigmas) - 1
-    s_in = x.new_ones([x.shape[0]])
     old_denoised = None
     for i in range(total):
-        _poll(cancel, i, total)
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in)
-        if callback is not None:
-            callback(i, total, x, denoised)
+        sigma, sigma_next, denoised = _denoise(model, x, sigmas, i, callback, cancel)
         t, t_next = sigma.log().neg(), sigma_next.log().neg()
         h = t_next - t
         if old_denoised is None or sigma_next == 0:
@@ -818,15 +815,10 @@ def sample_dpmpp_2m_sde(
         sigmas[0] = _percent_to_sigma(shift, 1e-4)
 
     total = len(sigmas) - 1
-    s_in = x.new_ones([x.shape[0]])
     old_denoised = None
     h = h_last = None
     for i in range(total):
-        _poll(cancel, i, total)
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in)
-        if callback is not None:
-            callback(i, total, x, denoised)
+        sigma, sigma_next, denoised = _denoise(model, x, sigmas, i, callback, cancel)
         if sigma_next == 0:
             x = denoised
         else:
@@ -873,13 +865,8 @@ def sample_lcm(
     """
     noise_sampler = default_noise_sampler(x, seed=seed) if noise_sampler is None else noise_sampler
     total = len(sigmas) - 1
-    s_in = x.new_ones([x.shape[0]])
     for i in range(total):
-        _poll(cancel, i, total)
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in)
-        if callback is not None:
-            callback(i, total, x, denoised)
+        sigma, sigma_next, denoised = _denoise(model, x, sigmas, i, callback, cancel)
         x = denoised
         if sigma_next > 0:
             x = FlowModelSampling.noise_scaling(sigma_next, noise_sampler(sigma, sigma_next), x)
