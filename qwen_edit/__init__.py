@@ -15,8 +15,13 @@ _EXPORTS = {
     "load_transformer": "qwen_edit.transformer",
     "load_text_encoder": "qwen_edit.text_encoder",
     "load_vae": "qwen_edit.vae",
+    "load_tokenizer": "qwen_edit.tokenizer",
     "QwenEditPipeline": "qwen_edit.pipeline",
     "EditResult": "qwen_edit.pipeline",
+    "GPUOutOfMemoryError": "qwen_edit.pipeline",
+    "ParameterError": "qwen_edit.params",
+    "read_lora": "qwen_edit.lora",
+    "apply_loras": "qwen_edit.lora",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
