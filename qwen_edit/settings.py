@@ -107,7 +107,7 @@ class Settings:
             except ModelNotFoundError:
                 continue
         raise ModelNotFoundError(
-            f"no Qwen-Image-Edit-2509 SVDQ transformer in {self.folders.folders['diffusion_models']}; "
+            f"no Qwen-Image-Edit-2509 SVDQ transformer in {[str(p) for p in self.folders.folders['diffusion_models']]}; "
             f"looked for {candidates[0]} (this card's precision: {native}) and its variants. "
             "Run `qwen-edit download` or set models.transformer to a file name."
         )

@@ -55,9 +55,10 @@ class TransformerInfo:
 
 
 def nunchaku_available() -> bool:
+    """True when Nunchaku's Qwen model class imports (the PyPI package named `nunchaku` is unrelated)."""
     try:
-        import nunchaku  # noqa: F401
-    except ImportError:
+        from nunchaku import NunchakuQwenImageTransformer2DModel  # noqa: F401
+    except Exception:  # ImportError, or a wheel built for another torch failing to load its extension
         return False
     return True
 
