@@ -106,8 +106,9 @@ class Settings:
                 return self.folders.resolve("diffusion_models", candidate)
             except ModelNotFoundError:
                 continue
+        folders = [str(p) for p in self.folders.folders["diffusion_models"]]
         raise ModelNotFoundError(
-            f"no Qwen-Image-Edit-2509 SVDQ transformer in {[str(p) for p in self.folders.folders['diffusion_models']]}; "
+            f"no Qwen-Image-Edit-2509 SVDQ transformer in {folders}; "
             f"looked for {candidates[0]} (this card's precision: {native}) and its variants. "
             "Run `qwen-edit download` or set models.transformer to a file name."
         )
