@@ -62,15 +62,7 @@ class ModelFolders:
     @classmethod
     def from_base(cls, base: str | Path) -> ModelFolders:
         """ComfyUI's default `models/` layout under one folder."""
-        layout = {
-            "base_path": str(base),
-            "diffusion_models": "diffusion_models\nunet",
-            "text_encoders": "text_encoders\nclip",
-            "vae": "vae",
-            "loras": "loras",
-            "tokenizers": "tokenizers",
-        }
-        return cls.from_extra_model_paths({"default": layout})
+        return cls.from_extra_model_paths({"default": comfy_layout(base)})
 
     def resolve(self, kind: str, name: str | Path) -> Path:
         """The file `name` of `kind`, searched in order; raises with what was searched and found."""
@@ -90,6 +82,18 @@ class ModelFolders:
             + (f"; available: {available}" if available else "")
             + ". Check the name, or run `qwen-edit download` to fetch the models."
         )
+
+
+def comfy_layout(base: str | Path) -> dict:
+    """An extra_model_paths.yaml section for ComfyUI's default `models/` layout under `base`."""
+    return {
+        "base_path": str(base),
+        "diffusion_models": "diffusion_models\nunet",
+        "text_encoders": "text_encoders\nclip",
+        "vae": "vae",
+        "loras": "loras",
+        "tokenizers": "tokenizers",
+    }
 
 
 def check_model_name(name: str, field_name: str) -> None:

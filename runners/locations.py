@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from qwen_edit.paths import comfy_layout
+
 MODELS_ENV = "QWEN_EDIT_MODELS"
 # ComfyUI `models/` folders, most specific first.
 RUNPOD_MODEL_BASES = (
@@ -52,18 +54,6 @@ def default_download_dir() -> Path:
     if RUNPOD_ROOTS[1].is_dir():
         return RUNPOD_ROOTS[1] / "models"
     return Path("models").absolute()
-
-
-def comfy_layout(base: Path) -> dict:
-    """An extra_model_paths.yaml section for ComfyUI's default `models/` layout under `base`."""
-    return {
-        "base_path": str(base),
-        "diffusion_models": "diffusion_models\nunet",
-        "text_encoders": "text_encoders\nclip",
-        "vae": "vae",
-        "loras": "loras",
-        "tokenizers": "tokenizers",
-    }
 
 
 def settings_layers(configs: list[str] | None, models_dir: str | Path | None) -> list:

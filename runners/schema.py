@@ -314,18 +314,7 @@ def _source(kind: str, value, where: str, problems: _Problems) -> ImageSource | 
         if URL_LIKE.match(value):
             problems.add(where, "is a URL, not a file name", fix="send URLs in image_url")
             return None
-        try:
-            check_model_name(value, where)
-        except UnsafeModelNameError as exc:
-            problems.add(
-                where,
-                str(exc).split(": ", 1)[-1],
-                code="UNSAFE_NAME",
-                fix="give a file name relative to the input folder",
-            )
-            return None
-        if len(value) > MAX_NAME:
-            problems.add(where, f"longer than {MAX_NAME} characters and not base64 image data")
+        if _safe_name(value, where, problems, "input", "and not base64 image data") is None:
             return None
         return ImageSource("name", value, where)
     if kind == "image_url":
@@ -388,6 +377,11 @@ def _name(value, where: str, problems: _Problems) -> str | None:
     if not isinstance(value, str) or not value:
         problems.add(where, f"must be a file name string, got {value!r}", fix="give a model file name")
         return None
+    return _safe_name(value, where, problems, "model")
+
+
+def _safe_name(value: str, where: str, problems: _Problems, folder: str, too_long: str = "") -> str | None:
+    """`value` if it is a plain relative file name of sane length, else None with the problem recorded."""
     try:
         check_model_name(value, where)
     except UnsafeModelNameError as exc:
@@ -395,11 +389,11 @@ def _name(value, where: str, problems: _Problems) -> str | None:
             where,
             str(exc).split(": ", 1)[-1],
             code="UNSAFE_NAME",
-            fix="give a file name relative to the model folder",
+            fix=f"give a file name relative to the {folder} folder",
         )
         return None
     if len(value) > MAX_NAME:
-        problems.add(where, f"longer than {MAX_NAME} characters")
+        problems.add(where, f"longer than {MAX_NAME} characters {too_long}".rstrip())
         return None
     return value
 
