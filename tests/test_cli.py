@@ -13,12 +13,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from twins import cli_command
 
 from qwen_edit.conditioning import read_png_parameters
 
@@ -27,17 +27,6 @@ T4 = "svdq-int4_r128-qwen-image-edit-2509-lightningv2.0-4steps.safetensors"
 T8 = "svdq-int4_r128-qwen-image-edit-2509-lightningv2.0-8steps.safetensors"
 TE = "qwen_2.5_vl_7b_fp8_scaled.safetensors"
 VAE = "qwen_image_vae.safetensors"
-
-
-def cli_command() -> list[str]:
-    """The installed `qwen-edit` script when it runs runners.cli, else `python -m runners.cli`.
-
-    The script's own text is read rather than the entry-point metadata, which a stale egg-info in the
-    checkout can shadow."""
-    script = Path(sys.executable).with_name("qwen-edit")
-    if script.is_file() and "runners.cli" in script.read_text(errors="ignore"):
-        return [str(script)]
-    return [sys.executable, "-m", "runners.cli"]
 
 
 @pytest.fixture(scope="session")

@@ -15,13 +15,13 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from twins import cli_command
 
 REPO = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -31,17 +31,6 @@ T8 = "svdq-int4_r128-qwen-image-edit-2509-lightningv2.0-8steps.safetensors"
 NUNCHAKU = "nunchaku-tech/nunchaku-qwen-image-edit-2509"
 COMFY = "Comfy-Org/Qwen-Image_ComfyUI"
 QWEN = "Qwen/Qwen-Image-Edit-2509"
-
-
-def cli_command() -> list[str]:
-    """The installed `qwen-edit` script when it runs runners.cli, else `python -m runners.cli`.
-
-    The script's own text is read rather than the entry-point metadata, which a stale egg-info in the
-    checkout can shadow."""
-    script = Path(sys.executable).with_name("qwen-edit")
-    if script.is_file() and "runners.cli" in script.read_text(errors="ignore"):
-        return [str(script)]
-    return [sys.executable, "-m", "runners.cli"]
 
 
 def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 120):

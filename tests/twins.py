@@ -1,6 +1,9 @@
-"""Test helpers: dense diffusers twins of SVDQ files, and transformer inputs."""
+"""Test helpers: dense diffusers twins of SVDQ files, transformer inputs, the CLI command."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import torch
 from diffusers import QwenImageTransformer2DModel
@@ -47,3 +50,14 @@ def forward_inputs(batch=1, ref_images=1):
         img_shapes=img_shapes,
         return_dict=False,
     )
+
+
+def cli_command() -> list[str]:
+    """The installed `qwen-edit` script when it runs runners.cli, else `python -m runners.cli`.
+
+    The script's own text is read rather than the entry-point metadata, which a stale egg-info in the
+    checkout can shadow."""
+    script = Path(sys.executable).with_name("qwen-edit")
+    if script.is_file() and "runners.cli" in script.read_text(errors="ignore"):
+        return [str(script)]
+    return [sys.executable, "-m", "runners.cli"]
