@@ -9,6 +9,8 @@ stream is also faster than three.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -150,6 +152,15 @@ def comfy_rope(
     return rope_frequencies(torch.cat(img), axes_dim), rope_frequencies(txt, axes_dim)
 
 
+@functools.lru_cache(maxsize=16)
+def _rope_on(
+    device: torch.device, noise_grid: tuple[int, int], ref_grids: tuple, text_len: int, axes_dim: tuple
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """comfy_rope on `device`, cached: every step (and the cfg pass) of an edit asks for the same tables."""
+    img, txt = comfy_rope(noise_grid, list(ref_grids), text_len, list(axes_dim))
+    return img.to(device), txt.to(device)
+
+
 def comfy_forward(
     model: nn.Module,
     x: torch.Tensor,
@@ -172,9 +183,7 @@ def comfy_forward(
         ref_tokens, rh, rw = _patchify(ref.to(dtype))
         tokens = torch.cat([tokens, ref_tokens.expand(b, -1, -1)], dim=1)
         grids.append((rh, rw))
-    axes = list(model.config.axes_dims_rope)
-    img_freqs, txt_freqs = comfy_rope((hh, ww), grids, context.shape[1], axes)
-    rope = (img_freqs.to(x.device), txt_freqs.to(x.device))
+    rope = _rope_on(x.device, (hh, ww), tuple(grids), context.shape[1], tuple(model.config.axes_dims_rope))
 
     hidden = model.img_in(tokens)
     text = model.txt_in(model.txt_norm(context.to(dtype)))
