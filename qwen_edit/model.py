@@ -19,9 +19,18 @@ UNFUSED_PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_
 
 
 def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of channels by complex `freqs` [L, D/2]; x is [B, L, H, D] (Qwen's interleaved RoPE)."""
-    rotated = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * freqs[None, :, None, :]
-    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
+    """Rotate channel pairs (2i, 2i+1) of x [B, L, H, D] by angle tables (Qwen's interleaved RoPE).
+
+    freqs: [L, D/2, 2] float32 (cos, sin), as comfy_forward passes them, or complex [L, D/2] (diffusers'
+    own forward). Real arithmetic in float32, as ComfyUI's apply_rope1 does (comfy/ldm/flux/math.py):
+    torch.compile fuses it into the q/k norm kernels, where complex multiplication stays a separate kernel.
+    """
+    if freqs.is_complex():
+        freqs = torch.view_as_real(freqs)
+    cos, sin = freqs[None, :, None, :, 0], freqs[None, :, None, :, 1]
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
 class FusedQKVAttnProcessor:
@@ -52,21 +61,29 @@ class FusedQKVAttnProcessor:
             img_q, img_k = apply_rotary(img_q, img_freqs), apply_rotary(img_k, img_freqs)
             txt_q, txt_k = apply_rotary(txt_q, txt_freqs), apply_rotary(txt_k, txt_freqs)
 
-        # [B, L, H, D] -> [B, H, L, D] for SDPA, text first as in the reference model.
-        q = torch.cat([txt_q, img_q], dim=1).transpose(1, 2)
-        k = torch.cat([txt_k, img_k], dim=1).transpose(1, 2)
-        v = torch.cat([txt_v, img_v], dim=1).transpose(1, 2)
         mask = None
         if encoder_hidden_states_mask is not None and not bool(encoder_hidden_states_mask.all()):
             image_mask = encoder_hidden_states_mask.new_ones(hidden_states.shape[:2])
             mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1).bool()[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
-        out = out.to(q.dtype)
+        # text first, as in the reference model
+        q, k, v = (torch.cat(pair, dim=1) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+        out = self.attend(q, k, v, mask)
 
         seq_txt = encoder_hidden_states.shape[1]
         img_out = attn.to_out[0](out[:, seq_txt:].contiguous())
         txt_out = attn.to_add_out(out[:, :seq_txt].contiguous())
         return img_out, txt_out
+
+    @staticmethod
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention over [B, L, H, D] inputs -> [B, L, H*D].
+
+        SDPA gets [B, H, L, D] tensors stored contiguously in that order (the copy fuses into the RoPE
+        kernel under torch.compile); see benchmarks/RESULTS.md for what the layout does to the kernel.
+        """
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out.transpose(1, 2).flatten(2).to(q.dtype)
 
 
 def build_model(config: dict) -> nn.Module:
@@ -156,9 +173,10 @@ def comfy_rope(
 def _rope_on(
     device: torch.device, noise_grid: tuple[int, int], ref_grids: tuple, text_len: int, axes_dim: tuple
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """comfy_rope on `device`, cached: every step (and the cfg pass) of an edit asks for the same tables."""
+    """comfy_rope as (cos, sin) tables [L, D/2, 2] on `device`, cached: every step (and the cfg pass) of
+    an edit asks for the same ones."""
     img, txt = comfy_rope(noise_grid, list(ref_grids), text_len, list(axes_dim))
-    return img.to(device), txt.to(device)
+    return tuple(torch.view_as_real(t).contiguous().to(device) for t in (img, txt))
 
 
 def comfy_forward(

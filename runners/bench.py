@@ -46,6 +46,7 @@ def drop_page_cache(paths: list[Path]) -> bool:
             try:
                 fd = os.open(file, os.O_RDONLY)
                 try:
+                    os.fsync(fd)  # dirty pages (a file just written) are not dropped until written back
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 finally:
                     os.close(fd)
