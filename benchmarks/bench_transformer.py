@@ -168,12 +168,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--lora-rank", type=int, default=0, help="also time a LoRA of this rank (0: none)")
+    parser.add_argument("--compile", action="store_true", help="also time each portable model compiled")
     args = parser.parse_args()
 
     device = torch.device("cuda")
     config = dict(DEFAULT_CONFIG)
     inputs = forward_inputs(args.size, 1, args.text_tokens, device)
+    # diffusers' pipelines always pass the prompt mask, so its attention runs with a mask (PyTorch's
+    # memory-efficient kernel); the portable model needs none (one prompt, no padding) and the row
+    # without it shows what the mask costs diffusers.
+    unmasked = {**inputs, "encoder_hidden_states_mask": None}
     rows = measure("diffusers bf16 (baseline)", lambda: diffusers_bf16(config, device), inputs, args)
+    rows += measure("diffusers bf16, no text mask", lambda: diffusers_bf16(config, device), unmasked, args)
     args.workdir.mkdir(parents=True, exist_ok=True)
     lora_path = None
     if args.lora_rank:
@@ -186,13 +192,17 @@ def main() -> None:
             seconds = time.perf_counter() - start
             print(f"wrote {path.name} ({path.stat().st_size / 1e9:.1f} GB) in {seconds:.0f}s", flush=True)
         for compute in args.computes:
-            rows += measure(
-                f"portable {precision} r{args.rank}, {compute}",
-                lambda p=path, c=compute: load_transformer(p, backend="portable", compute=c, device=device),
-                inputs,
-                args,
-                lora_path if precision == args.precisions[0] else None,
-            )
+            for compiled in (False, True) if args.compile else (False,):
+                rows += measure(
+                    f"portable {precision} r{args.rank}, {compute}" + (", compiled" if compiled else ""),
+                    lambda p=path, c=compute, k=compiled: load_transformer(
+                        p, backend="portable", compute=c, device=device, compile=k
+                    ),
+                    unmasked,
+                    args,
+                    lora_path if precision == args.precisions[0] and not compiled else None,
+                )
+                torch._dynamo.reset()
     result = {
         "card": torch.cuda.get_device_name(),
         "torch": torch.__version__,

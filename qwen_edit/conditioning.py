@@ -36,9 +36,10 @@ def open_image(image: Image.Image | str | Path | bytes) -> Image.Image:
     return ImageOps.exif_transpose(image).convert("RGB")
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """[H, W, 3] float32 in [0, 1]."""
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+def to_tensor(image: Image.Image, device: torch.device | str | None = None) -> torch.Tensor:
+    """[H, W, 3] float32 in [0, 1] on `device` (the 8-bit pixels travel, the division happens there)."""
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).to(device)  # a copy: writable
+    return pixels.float() / 255.0
 
 
 def area_resize(pixels: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -54,18 +55,33 @@ def reference_size(width: int, height: int, area: int = REFERENCE_AREA) -> tuple
     return max(w, LATENT_MULTIPLE), max(h, LATENT_MULTIPLE)
 
 
-def reference_pixels(image: Image.Image, area: int = REFERENCE_AREA) -> torch.Tensor:
-    """The reference image for the VAE: [1, 3, h, w] in [-1, 1]."""
+def reference_pixels(
+    image: Image.Image, area: int = REFERENCE_AREA, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """The reference image for the VAE: [1, 3, h, w] in [-1, 1], made on `device` (default CPU)."""
     w, h = reference_size(*image.size, area)
-    pixels = area_resize(to_tensor(image), w, h)
+    pixels = area_resize(to_tensor(image, device), w, h)
     return pixels.permute(2, 0, 1)[None] * 2 - 1
+
+
+def megapixel_size(width: int, height: int, megapixels: float = OUTPUT_MEGAPIXELS) -> tuple[int, int]:
+    """ImageScaleToTotalPixels' target size: the aspect ratio kept, `megapixels` * 1024^2 pixels."""
+    scale = math.sqrt(megapixels * 1024 * 1024 / (width * height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def scale_to_megapixels(image: Image.Image, megapixels: float = OUTPUT_MEGAPIXELS) -> Image.Image:
     """ImageScaleToTotalPixels: Lanczos (PIL, on 8-bit data) to `megapixels` * 1024^2 pixels."""
-    scale = math.sqrt(megapixels * 1024 * 1024 / (image.width * image.height))
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, Image.Resampling.LANCZOS)
+    return image.resize(megapixel_size(*image.size, megapixels), Image.Resampling.LANCZOS)
+
+
+def output_size(
+    image: Image.Image, width: int | None, height: int | None, megapixels: float = OUTPUT_MEGAPIXELS
+) -> tuple[int, int]:
+    """(width, height) of `output_pixels` without resampling anything: all a pure-noise edit needs."""
+    if width is None or height is None:
+        width, height = megapixel_size(*image.size, megapixels)
+    return width // LATENT_MULTIPLE * LATENT_MULTIPLE, height // LATENT_MULTIPLE * LATENT_MULTIPLE
 
 
 def output_pixels(
@@ -92,7 +108,9 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     VAEDecode clamps (x + 1) / 2 to [0, 1]; SaveImage then truncates 255 * x (it does not round).
     """
     x = ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-    return np.clip(255.0 * x.permute(0, 2, 3, 1).cpu().numpy(), 0, 255).astype(np.uint8)
+    # On the images' device, so 1 byte per value crosses to the host instead of 4; float -> uint8
+    # truncates toward zero like numpy's astype.
+    return (255.0 * x).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def png_bytes(image: Image.Image, parameters: dict) -> bytes:

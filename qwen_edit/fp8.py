@@ -12,6 +12,10 @@ import torch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
+# Hopper's fp8 tensor cores accumulate in reduced precision unless the GEMM promotes partial sums to
+# float32 every few k-blocks; skipping that ("fast accumulation") is what fp8 inference stacks use
+# for forward passes. Measured on an H100 in benchmarks/RESULTS.md (speed and error).
+FAST_ACCUMULATION = False
 
 
 def fp8_supported(device: torch.device | str | None) -> bool:
@@ -65,6 +69,7 @@ def fp8_linear(
             scale_b=w_scale.reshape(1, n).contiguous(),
             bias=None if bias is None else bias.to(out_dtype),
             out_dtype=out_dtype,
+            use_fast_accum=FAST_ACCUMULATION,
         )
     else:
         y = (x_codes.float() @ weight_fp8.float().t()) * x_scale * w_scale

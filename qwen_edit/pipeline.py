@@ -121,8 +121,9 @@ class QwenEditPipeline:
         `cpu_offload` ("auto", "enable", "disable"), `num_blocks_on_gpu`, `use_pin_memory`: the
         ComfyUI-nunchaku loader's settings, see `set_offload`; decided before loading, so a model larger
         than the card never lands on it whole.
-        `compile`: torch.compile the transformer blocks (portable backend; ~15 s at the first step of
-        each image size, then 1.3-1.9x faster steps on an H100).
+        `compile`: torch.compile the transformer blocks (portable backend), the text encoder's layers and
+        the VAE: 1.3-1.9x faster steps and faster encoders on an H100, for compilation during the first
+        edit (benchmarks/RESULTS.md; inductor caches it on disk, TORCHINDUCTOR_CACHE_DIR).
         `text_encoder_config`: only for encoders that are not the 7B one (the demo's tiny model).
         """
         from .text_encoder import load_text_encoder
@@ -154,6 +155,12 @@ class QwenEditPipeline:
             device=device,
             encoders_on_cpu=plan.encoders_on_cpu,
         )
+        if compile:
+            from .text_encoder import compile_text_encoder
+            from .vae import compile_vae
+
+            compile_text_encoder(pipe.text_encoder)
+            compile_vae(pipe.vae)
         pipe.offload_plan = plan
         if loras:
             pipe.set_loras(loras)
@@ -297,22 +304,28 @@ class QwenEditPipeline:
         with self._stage("vae_encode", timings, self.vae):
             from .vae import encode_images
 
+            vae_device = next(self.vae.parameters()).device
             refs = [
-                encode_images(self.vae, conditioning.reference_pixels(p, self.reference_area)).unsqueeze(2)
+                encode_images(self.vae, conditioning.reference_pixels(p, self.reference_area, vae_device))
+                .unsqueeze(2)
+                .to(self.device)
                 for p in pictures
             ]
-            out_pixels = conditioning.output_pixels(
-                pictures[0], params.width, params.height, self.output_megapixels
-            )
-            b, h, w = params.batch_size, out_pixels.shape[-2] // 8, out_pixels.shape[-1] // 8
+            b = params.batch_size
             if params.denoise < 1.0:  # img2img from image 1, as the workflow's VAEEncode latent
+                out_pixels = conditioning.output_pixels(
+                    pictures[0], params.width, params.height, self.output_megapixels
+                )
                 latent = encode_images(self.vae, out_pixels).unsqueeze(2).cpu().expand(b, -1, -1, -1, -1)
             else:  # only the shape matters: sampling starts from pure noise
-                latent = torch.zeros(b, 16, 1, h, w)
-            refs = [r.to(self.device) for r in refs]
+                w, h = conditioning.output_size(
+                    pictures[0], params.width, params.height, self.output_megapixels
+                )
+                latent = torch.zeros(b, 16, 1, h // 8, w // 8)
 
-        steps_s: list[float] = []
-        tick = [time.perf_counter()]
+        # Step times from CUDA events, read once after sampling: no host sync between steps unless a
+        # callback wants each step as it finishes.
+        clock = StepClock(self.device, synchronize=callback is not None)
 
         def model_fn(x: torch.Tensor, sigma: torch.Tensor, use_uncond: bool) -> torch.Tensor:
             context = (uncond if use_uncond else cond).expand(x.shape[0], -1, -1)
@@ -320,10 +333,7 @@ class QwenEditPipeline:
             return x0_from_flow(x, sigma, velocity)
 
         def on_step(i: int, total: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
-            _sync(self.device)
-            now = time.perf_counter()
-            steps_s.append(now - tick[0])
-            tick[0] = now
+            clock.tick()
             if callback is not None:
                 callback(i + 1, total, denoised)
 
@@ -333,7 +343,7 @@ class QwenEditPipeline:
             sampler_name=params.sampler_name, scheduler=params.scheduler, denoise=params.denoise,
             shift=params.shift, device=self.device, callback=on_step, cancel=cancel,
         )  # fmt: skip
-        timings["steps"] = steps_s
+        timings["steps"] = clock.seconds()
 
         with self._stage("vae_decode", timings, self.vae):
             from .vae import decode_latents
@@ -395,6 +405,34 @@ class GPUOutOfMemoryError(RuntimeError):
     def __init__(self, message: str, suggestion: dict):
         super().__init__(message)
         self.suggestion = suggestion
+
+
+class StepClock:
+    """Seconds per sampling step. On a GPU without `synchronize`, each tick records a CUDA event and
+    `seconds()` reads them all at the end, so timing adds no host sync to the step loop."""
+
+    def __init__(self, device: torch.device, synchronize: bool):
+        self.events = device.type == "cuda" and not synchronize
+        self.device = device
+        self.marks: list = [self._mark()]
+
+    def _mark(self):
+        if self.events:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(self.device))
+            return event
+        _sync(self.device)
+        return time.perf_counter()
+
+    def tick(self) -> None:
+        self.marks.append(self._mark())
+
+    def seconds(self) -> list[float]:
+        pairs = list(zip(self.marks[:-1], self.marks[1:], strict=True))
+        if self.events:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in pairs]
+        return [b - a for a, b in pairs]
 
 
 def _sync(device: torch.device) -> None:

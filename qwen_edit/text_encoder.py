@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import time
+import types
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .fp8 import FP8, fp8_linear, quantize_weight_per_channel
 from .hardware import describe_device
@@ -511,6 +513,7 @@ def load_text_encoder(
     plan = plan_load(model, source.specs, str(source.path))
     _fill(model, plan, source, info.device, compute, dtype)
     model.to(info.device)  # the RoPE buffers
+    use_masked_window_attention(model)
     model.qwen_edit_info = TextEncoderInfo(
         str(source.path),
         source.kind,
@@ -611,9 +614,64 @@ def image_embeddings(model: nn.Module, pixel_values: torch.Tensor, grid_thw: tor
     """The vision tower + merger for one image: [t*h*w/4, hidden] in the activation dtype."""
     device = model.language_model.norm.weight.device
     grid_thw = torch.as_tensor(grid_thw, dtype=torch.long).reshape(-1, 3).to(device)
-    out = model.visual(pixel_values.to(device), grid_thw=grid_thw)
+    with sdpa_kernel(ENCODER_ATTENTION):
+        out = model.visual(pixel_values.to(device), grid_thw=grid_thw)
     # transformers v5 returns an output object whose pooler_output is the merged tokens; 4.5x a tensor
     return getattr(out, "pooler_output", out).to(_activation_dtype(model))
+
+
+# Attention backends for the encoder: not cuDNN's, which builds a plan for every new sequence length
+# (~57 ms on an H100, and prompt lengths differ from one edit to the next); at a few hundred tokens
+# the others are as fast.
+ENCODER_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _rotate_vision(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Qwen2.5-VL's vision RoPE (rotate-half form, float32), x [L, H, D], cos/sin [L, D]."""
+    x32 = x.float()
+    half = x32.shape[-1] // 2
+    rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
+    return (x32 * cos[:, None].float() + rotated * sin[:, None].float()).to(x.dtype)
+
+
+def _masked_window_attention(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    rotary_pos_emb: torch.Tensor | None = None,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """transformers' Qwen2_5_VLVisionAttention.forward as one attention call.
+
+    The original runs one SDPA per window (16 windows x 28 layers for a 384x384 image) after a
+    `cu_seqlens.tolist()` host sync in every layer; a block-diagonal mask built on the device gives the
+    same result in one call, and the block then compiles without graph breaks.
+    """
+    n = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    if position_embeddings is None:  # transformers < 4.54 passed only the angles
+        angles = torch.cat((rotary_pos_emb, rotary_pos_emb), dim=-1)
+        position_embeddings = (angles.cos(), angles.sin())
+    cos, sin = position_embeddings
+    q, k = _rotate_vision(q, cos, sin), _rotate_vision(k, cos, sin)
+    window = torch.searchsorted(cu_seqlens, torch.arange(n, device=cu_seqlens.device), right=True)
+    mask = (window[:, None] == window[None, :])[None, None]
+    out = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), attn_mask=mask)
+    return self.proj(out[0].transpose(0, 1).reshape(n, -1))
+
+
+def use_masked_window_attention(model: nn.Module) -> None:
+    """Run every vision block's attention as `_masked_window_attention` (same numbers, no host syncs)."""
+    for block in model.visual.blocks:
+        block.attn.forward = types.MethodType(_masked_window_attention, block.attn)
+
+
+def compile_text_encoder(model: nn.Module) -> None:
+    """torch.compile each language-model layer and vision block, with dynamic shapes (prompt lengths and
+    image sizes vary, and one compiled graph then serves them all)."""
+    for module in [*model.language_model.layers, *model.visual.blocks]:
+        module.compile(dynamic=True)
 
 
 @torch.inference_mode()
@@ -632,6 +690,11 @@ def encode_tokens(
     """
     if len(images) != len(image_spans):
         raise ValueError(f"{len(images)} images but {len(image_spans)} image spans; give one span per image")
+    with sdpa_kernel(ENCODER_ATTENTION):
+        return _encode_tokens(model, input_ids, images, image_spans)
+
+
+def _encode_tokens(model, input_ids, images, image_spans) -> torch.Tensor:
     dtype = _activation_dtype(model)
     lm = model.language_model
     device = lm.norm.weight.device

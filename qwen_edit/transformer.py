@@ -123,7 +123,7 @@ def load_transformer(
     num_blocks_on_gpu: None keeps every block on the device; a number streams the blocks from that one
     on from CPU memory (pinned with `use_pin_memory`), see offload.py. They never occupy the GPU whole.
     compile: torch.compile each block (portable backend): 1.27x (bf16) and 1.92x (fp8) faster steps on
-    an H100, for ~15 s of compilation at the first step of each new image size (benchmarks/RESULTS.md).
+    an H100, for ~16 s of compilation at the first step (benchmarks/RESULTS.md).
     """
     start = time.perf_counter()
     ckpt = read_checkpoint(path)
@@ -155,13 +155,16 @@ def compile_blocks(model: nn.Module) -> None:
 
     Per block rather than the whole model: the 60 blocks share one compiled graph, so compiling costs
     one block's time, and the Python loop between blocks (offload hooks, RoPE tables) stays eager.
+    Dynamic shapes: prompt lengths (and image sizes) change from one edit to the next, and a static graph
+    recompiled for each new length (5 s on an H100) where the dynamic one runs at once, ~1% slower per
+    step (benchmarks/RESULTS.md).
     """
     streamer = getattr(model, "_qwen_edit_streamer", None)
     blocks = [
         b for b in model.transformer_blocks if "forward" not in b.__dict__
     ]  # streamed shells run a buffer
     for block in [*blocks, *(streamer.buffers if streamer is not None else [])]:
-        block.compile(dynamic=False)
+        block.compile(dynamic=True)
 
 
 def _load_nunchaku(ckpt: SVDQCheckpoint, info: DeviceInfo, dtype: torch.dtype) -> nn.Module:

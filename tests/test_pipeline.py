@@ -189,6 +189,19 @@ def test_conditioning_sizes_follow_comfyui():
     # ImageScaleToTotalPixels(1 MP) then VAEEncode's crop: 1536x1024 -> 1254x836 -> 1248x832.
     out = conditioning.output_pixels(picture(1536, 1024), None, None)
     assert tuple(out.shape[-2:]) == (832, 1248)
+    # a pure-noise edit only needs the size, which must be the one the pixels would have had
+    for size, explicit in [((1536, 1024), (None, None)), ((333, 517), (None, None)), ((64, 64), (100, 60))]:
+        pixels = conditioning.output_pixels(picture(*size), *explicit)
+        assert conditioning.output_size(picture(*size), *explicit) == (pixels.shape[-1], pixels.shape[-2])
+
+
+def test_reference_pixels_on_another_device_are_the_same():
+    image = picture(300, 200)
+    cpu = conditioning.reference_pixels(image)
+    w, h = conditioning.reference_size(300, 200)
+    assert cpu.device.type == "cpu" and cpu.shape == (1, 3, h, w)
+    if torch.cuda.is_available():
+        torch.testing.assert_close(conditioning.reference_pixels(image, device="cuda").cpu(), cpu)
 
 
 def test_8bit_output_truncates_like_saveimage():

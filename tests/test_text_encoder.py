@@ -398,3 +398,31 @@ def test_bad_options(files):
             images=[None, None],
             image_spans=[(0, 1)],
         )
+
+
+def test_vision_attention_in_one_call_matches_transformers_per_window(files):
+    """The vision tower with `_masked_window_attention` (one SDPA, block-diagonal mask) against
+    transformers' own per-window loop, on an image of several windows (11x7 merged tokens, windows of
+    4x4: 6 of them, some partial) in fp32: equal to rounding."""
+    paths, config = files
+    model = te.load_text_encoder(paths["fp8"], config=config, dtype=torch.float32, compute="upcast")
+    image = torch.rand(300, 200, 3, generator=torch.Generator().manual_seed(1))
+    pixels, grid = preprocess_vision_image(image)
+    assert grid.tolist() == [[1, 22, 14]]
+    assert all("forward" in block.attn.__dict__ for block in model.visual.blocks)  # patched at load
+    ours = te.image_embeddings(model, pixels, grid)
+    for block in model.visual.blocks:
+        del block.attn.forward  # back to transformers' own method
+    theirs = te.image_embeddings(model, pixels, grid)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    # and the window mask matters: full attention everywhere gives other numbers
+    te.use_masked_window_attention(model)
+    full = torch.tensor([0, pixels.shape[0]], dtype=torch.int32)
+    full_blocks = model.visual.fullatt_block_indexes
+    window_blocks = [b for i, b in enumerate(model.visual.blocks) if i not in full_blocks]
+    hidden = torch.randn(pixels.shape[0], model.visual.config.hidden_size)
+    cos_sin = (torch.ones(pixels.shape[0], 16), torch.zeros(pixels.shape[0], 16))
+    windows = torch.tensor([0, 16, pixels.shape[0]], dtype=torch.int32)
+    attn = window_blocks[0].attn
+    assert not torch.allclose(attn(hidden, cu_seqlens=windows, position_embeddings=cos_sin),
+                              attn(hidden, cu_seqlens=full, position_embeddings=cos_sin))  # fmt: skip
