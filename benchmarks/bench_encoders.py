@@ -25,7 +25,7 @@ from PIL import Image
 
 from qwen_edit import conditioning, tokenizer
 from qwen_edit.text_encoder import compile_text_encoder, load_text_encoder, use_masked_window_attention
-from qwen_edit.vae import compile_vae, decode_latents, encode_images, load_vae
+from qwen_edit.vae import decode_latents, encode_images, load_vae
 
 PROMPT = "turn the sky into a warm sunset and add reflections on the water " * 8
 
@@ -113,12 +113,9 @@ def main() -> None:
         print("text", name, json.dumps(result["text"][name]), flush=True)
     result["vae"]["eager"] = vae_rows(vae, image)
     print("vae eager", json.dumps(result["vae"]["eager"]), flush=True)
-    try:
-        compile_vae(vae)
-        result["vae"]["encoder and decoder compiled"] = vae_rows(vae, image)
-    except Exception as exc:
-        result["vae"]["encoder and decoder compiled"] = {"error": repr(exc)[:400]}
-    print("vae compiled", json.dumps(result["vae"]["encoder and decoder compiled"]), flush=True)
+    vae.to(memory_format=torch.channels_last_3d)
+    result["vae"]["channels_last_3d"] = vae_rows(vae, image)
+    print("vae channels_last_3d", json.dumps(result["vae"]["channels_last_3d"]), flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
 

@@ -8,7 +8,7 @@ prompt):
   + contiguous q/k/v for SDPA (the current code)
   dynamic      compiled with dynamic shapes (one graph for every prompt length; the current code)
   fast accumulation   fp8 GEMMs without float32 promotion of partial sums
-  tuned        inductor's coordinate-descent tuning of the fused (Triton) kernels
+  fused MLP    tanh-GELU and the fp8 quantization of its output in one Triton kernel (kernels.py)
 and for the static and dynamic compiles, the first call at a prompt length not seen before. Each
 output is compared with the eager forward's.
 
@@ -29,7 +29,7 @@ from bench_pipeline import full_size_files
 
 import qwen_edit.model as model_module
 from qwen_edit import fp8
-from qwen_edit.model import FusedQKVAttnProcessor, comfy_forward
+from qwen_edit.model import FusedQKVAttnProcessor, comfy_forward, use_fused_fp8_mlp
 from qwen_edit.transformer import load_transformer
 
 CURRENT = (model_module.apply_rotary, FusedQKVAttnProcessor.attend)
@@ -96,24 +96,29 @@ def main() -> None:
     def fast_accumulation(on: bool) -> None:
         fp8.FAST_ACCUMULATION = on
 
-    def tuned(on: bool) -> None:
-        torch._inductor.config.coordinate_descent_tuning = on
+    def fused_mlp(on: bool) -> None:
+        for block in model.transformer_blocks:
+            for mlp in (block.img_mlp, block.txt_mlp):
+                mlp.__dict__.pop("forward", None)
+        if on:
+            use_fused_fp8_mlp(model)
 
-    variants = [  # (name, rotary, attend, dynamic, fast accumulation, tuned)
+    variants = [  # (name, rotary, attend, dynamic, fast accumulation, fused MLP kernel)
         ("before: complex RoPE, SDPA on views", complex_rotary, strided_attend, False, False, False),
         ("+ real RoPE", CURRENT[0], strided_attend, False, False, False),
         ("+ contiguous q/k/v for SDPA", *CURRENT, False, False, False),
         ("+ dynamic-shape compile", *CURRENT, True, False, False),
         ("+ fp8 fast accumulation", *CURRENT, True, True, False),
-        ("+ coordinate-descent tuning of the fused kernels", *CURRENT, True, True, True),
+        ("+ fused GELU + fp8 quantization kernel (current)", *CURRENT, True, True, True),
     ]
     rows = []
+    fused_mlp(False)
     with torch.inference_mode():
         outputs = {"eager": comfy_forward(model, x, sigma, ctx, [ref]).float()}
-    for name, rotary, attend, dynamic, fast, tune in variants:
+    for name, rotary, attend, dynamic, fast, fused in variants:
         torch._dynamo.reset()
         fast_accumulation(fast)
-        tuned(tune)
+        fused_mlp(fused)
         model_module.apply_rotary = rotary
         FusedQKVAttnProcessor.attend = staticmethod(attend)
         for block in model.transformer_blocks:

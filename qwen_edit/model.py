@@ -10,10 +10,13 @@ stream is also faster than three.
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import fp8, kernels
 
 UNFUSED_PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 
@@ -84,6 +87,29 @@ class FusedQKVAttnProcessor:
         q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return out.transpose(1, 2).flatten(2).to(q.dtype)
+
+
+def _fused_fp8_mlp(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """diffusers' FeedForward (Linear -> tanh GELU -> Linear) with fp8 linears, the GELU and the second
+    linear's activation quantization in one kernel (kernels.gelu_tanh_quantize)."""
+    fc1, fc2 = self.net[0].proj, self.net[2]
+    if not hidden_states.is_cuda or fc2.lora_down is not None:  # a LoRA branch needs the bf16 input
+        return type(self).forward(self, hidden_states)
+    codes, scale = kernels.gelu_tanh_quantize(fc1(hidden_states))
+    y = fp8.scaled_matmul(codes, scale, fc2.weight, fc2.weight_scale, fc2.bias, hidden_states.dtype)
+    return y.reshape(*hidden_states.shape[:-1], y.shape[-1])
+
+
+def use_fused_fp8_mlp(model: nn.Module) -> bool:
+    """Run every block's MLP as `_fused_fp8_mlp` where its linears compute in fp8 and Triton is there."""
+    if not kernels.register():
+        return False
+    for block in model.transformer_blocks:
+        for mlp in (block.img_mlp, block.txt_mlp):
+            gelu, fc2 = mlp.net[0], mlp.net[2]
+            if getattr(gelu, "approximate", None) == "tanh" and getattr(fc2, "compute", None) == "fp8":
+                mlp.forward = types.MethodType(_fused_fp8_mlp, mlp)
+    return True
 
 
 def build_model(config: dict) -> nn.Module:

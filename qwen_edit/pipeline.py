@@ -121,9 +121,9 @@ class QwenEditPipeline:
         `cpu_offload` ("auto", "enable", "disable"), `num_blocks_on_gpu`, `use_pin_memory`: the
         ComfyUI-nunchaku loader's settings, see `set_offload`; decided before loading, so a model larger
         than the card never lands on it whole.
-        `compile`: torch.compile the transformer blocks (portable backend), the text encoder's layers and
-        the VAE: 1.3-1.9x faster steps and faster encoders on an H100, for compilation during the first
-        edit (benchmarks/RESULTS.md; inductor caches it on disk, TORCHINDUCTOR_CACHE_DIR).
+        `compile`: torch.compile the transformer blocks (portable backend) and the text encoder's layers:
+        ~2x faster steps and text encoding on an H100, for compilation during the first edit
+        (benchmarks/RESULTS.md; inductor caches it on disk, TORCHINDUCTOR_CACHE_DIR).
         `text_encoder_config`: only for encoders that are not the 7B one (the demo's tiny model).
         """
         from .text_encoder import load_text_encoder
@@ -155,12 +155,10 @@ class QwenEditPipeline:
             device=device,
             encoders_on_cpu=plan.encoders_on_cpu,
         )
-        if compile:
+        if compile:  # not the VAE: compiled with dynamic shapes it ran slower (benchmarks/RESULTS.md)
             from .text_encoder import compile_text_encoder
-            from .vae import compile_vae
 
             compile_text_encoder(pipe.text_encoder)
-            compile_vae(pipe.vae)
         pipe.offload_plan = plan
         if loras:
             pipe.set_loras(loras)

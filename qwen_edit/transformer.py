@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .hardware import DeviceInfo, UnsupportedHardwareError, describe_device, nunchaku_precision_error
-from .model import build_model
+from .model import build_model, use_fused_fp8_mlp
 from .svdq.checkpoint import (
     AWQ_LAYERS,
     SVDQ_LAYERS,
@@ -230,7 +230,10 @@ def _load_portable(
         problems.append(f"{len(unfilled)} model parameters not filled by the file: {few(unfilled)}")
     if problems:
         raise CheckpointError(_mismatch_message(ckpt, problems))
-    return model.to(device)
+    model = model.to(device)
+    if compute == "fp8" and device.type == "cuda":
+        use_fused_fp8_mlp(model)
+    return model
 
 
 def _mismatch_message(ckpt: SVDQCheckpoint, problems: list[str]) -> str:

@@ -222,13 +222,6 @@ def _few(names: Sequence[str], n: int = 8) -> str:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def compile_vae(vae: AutoencoderKLQwenImage) -> None:
-    """torch.compile the encoder and decoder (dynamic shapes: image sizes vary): the causal-padding
-    copies, norms and activations between the convolutions fuse (benchmarks/RESULTS.md)."""
-    vae.encoder.compile(dynamic=True)
-    vae.decoder.compile(dynamic=True)
-
-
 def load_vae(
     path: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = torch.bfloat16
 ) -> AutoencoderKLQwenImage:

@@ -80,7 +80,7 @@ def test_demo_pipeline_runs_on_gpu_and_is_deterministic(tmp_path):
 
 
 def test_compiled_demo_pipeline_matches_eager_and_takes_new_prompt_lengths(tmp_path):
-    """compile=True (transformer blocks, text encoder, VAE; dynamic shapes) gives the eager pipeline's
+    """compile=True (transformer blocks, text encoder; dynamic shapes) gives the eager pipeline's
     images up to kernel rounding, and a prompt of another length runs without recompiling the blocks."""
     import numpy as np
     from PIL import Image
@@ -99,3 +99,40 @@ def test_compiled_demo_pipeline_matches_eager_and_takes_new_prompt_lengths(tmp_p
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled.edit([image], "a third prompt of yet another length entirely", seed=3, width=64, height=64)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # no new graph for a new length
+
+
+def test_fused_gelu_quantize_kernel_matches_the_unfused_ops():
+    from qwen_edit import kernels
+
+    if not fp8.fp8_supported("cuda") or not kernels.register():
+        pytest.skip("needs fp8 tensor cores and Triton")
+    gen = torch.Generator("cuda").manual_seed(0)
+    x = (torch.randn(333, 12288, device="cuda", generator=gen) * 3).to(torch.bfloat16)
+    x[5] = 0  # an all-zero row takes the 1e-12 floor of the scale
+    codes, scale = kernels.gelu_tanh_quantize(x)
+    ref_codes, ref_scale = fp8.quantize_per_token(torch.nn.functional.gelu(x, approximate="tanh"))
+    torch.testing.assert_close(scale, ref_scale, rtol=0, atol=0)
+    same = (codes.float() == ref_codes.float()).float().mean().item()
+    assert same > 0.999, same  # libdevice tanh vs tanhf may differ in the last bit once in a while
+    torch.testing.assert_close(codes.float(), ref_codes.float(), rtol=0.07, atol=1e-3)
+
+
+def test_fused_mlp_matches_the_unfused_mlp_and_steps_aside_for_loras(tmp_path):
+    from qwen_edit import kernels
+
+    if not fp8.fp8_supported("cuda") or not kernels.register():
+        pytest.skip("needs fp8 tensor cores and Triton")
+    path = write_tiny_transformer(tmp_path / "t.safetensors", precision="fp4")
+    model = load_transformer(path, backend="portable", compute="fp8", device="cuda")
+    mlp = model.transformer_blocks[0].img_mlp
+    assert "forward" in mlp.__dict__  # fused at load
+    x = torch.randn(2, 77, mlp.net[0].proj.in_features, device="cuda", dtype=torch.bfloat16)
+    fused = mlp(x)
+    unfused = type(mlp).forward(mlp, x)
+    torch.testing.assert_close(fused, unfused, rtol=0.02, atol=0.02)
+    assert ((fused.float() - unfused.float()).norm() / unfused.float().norm()).item() < 1e-3
+    # with a LoRA on the second linear, the layer needs its bf16 input: the unfused path runs
+    fc2 = mlp.net[2]
+    fc2.lora_down = torch.randn(4, fc2.in_features, device="cuda", dtype=torch.bfloat16) / 64
+    fc2.lora_up = torch.randn(fc2.out_features, 4, device="cuda", dtype=torch.bfloat16) / 64
+    torch.testing.assert_close(mlp(x), type(mlp).forward(mlp, x), rtol=0, atol=0)

@@ -235,3 +235,19 @@ def test_auto_on_this_machine_without_nunchaku_is_portable(tiny_file):
     model = load_transformer(path, device="cpu")
     assert model.qwen_edit_info.backend == "portable"
     assert model.qwen_edit_info.compute == "bf16"
+
+
+def test_fused_mlp_forward_falls_back_to_diffusers_off_the_gpu(tiny_file):
+    """The fused fp8 MLP only runs on CUDA (Triton kernel); elsewhere its forward is diffusers' own."""
+    _, path = tiny_file
+    import types
+
+    from qwen_edit.model import _fused_fp8_mlp
+
+    model = load_transformer(path, backend="portable", compute="fp8", device="cpu")
+    mlp = model.transformer_blocks[0].img_mlp
+    assert "forward" not in mlp.__dict__  # not fused on a CPU
+    x = torch.randn(1, 5, mlp.net[0].proj.in_features, dtype=torch.bfloat16)
+    expected = mlp(x)
+    mlp.forward = types.MethodType(_fused_fp8_mlp, mlp)
+    torch.testing.assert_close(mlp(x), expected, rtol=0, atol=0)
