@@ -114,7 +114,8 @@ def test_fused_gelu_quantize_kernel_matches_the_unfused_ops():
     torch.testing.assert_close(scale, ref_scale, rtol=0, atol=0)
     same = (codes.float() == ref_codes.float()).float().mean().item()
     assert same > 0.999, same  # libdevice tanh vs tanhf may differ in the last bit once in a while
-    torch.testing.assert_close(codes.float(), ref_codes.float(), rtol=0.07, atol=1e-3)
+    # and then the code moves by at most one e4m3 step: 1/8 relative, or the smallest subnormal 2^-9
+    torch.testing.assert_close(codes.float(), ref_codes.float(), rtol=0.125, atol=2**-9)
 
 
 def test_fused_mlp_matches_the_unfused_mlp_and_steps_aside_for_loras(tmp_path):
