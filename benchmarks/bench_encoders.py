@@ -113,9 +113,6 @@ def main() -> None:
         print("text", name, json.dumps(result["text"][name]), flush=True)
     result["vae"]["eager"] = vae_rows(vae, image)
     print("vae eager", json.dumps(result["vae"]["eager"]), flush=True)
-    vae.to(memory_format=torch.channels_last_3d)
-    result["vae"]["channels_last_3d"] = vae_rows(vae, image)
-    print("vae channels_last_3d", json.dumps(result["vae"]["channels_last_3d"]), flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
 
