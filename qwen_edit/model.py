@@ -25,11 +25,16 @@ def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (2i, 2i+1) of x [B, L, H, D] by angle tables (Qwen's interleaved RoPE).
 
     freqs: [L, D/2, 2] float32 (cos, sin), as comfy_forward passes them, or complex [L, D/2] (diffusers'
-    own forward). Real arithmetic in float32, as ComfyUI's apply_rope1 does (comfy/ldm/flux/math.py):
-    torch.compile fuses it into the q/k norm kernels, where complex multiplication stays a separate kernel.
+    own forward). Eager, one complex multiplication is the fewest kernels; under torch.compile, real
+    float32 arithmetic as ComfyUI's apply_rope1 does it (comfy/ldm/flux/math.py) fuses into the q/k norm
+    kernel, where a complex product stays a kernel of its own. Both give the same numbers.
     """
     if freqs.is_complex():
         freqs = torch.view_as_real(freqs)
+    if not torch.compiler.is_compiling():
+        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+        rotated = pairs * torch.view_as_complex(freqs)[None, :, None, :]
+        return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
     cos, sin = freqs[None, :, None, :, 0], freqs[None, :, None, :, 1]
     pairs = x.float().unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
@@ -79,12 +84,9 @@ class FusedQKVAttnProcessor:
 
     @staticmethod
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention over [B, L, H, D] inputs -> [B, L, H*D].
-
-        SDPA gets [B, H, L, D] tensors stored contiguously in that order (the copy fuses into the RoPE
-        kernel under torch.compile); see benchmarks/RESULTS.md for what the layout does to the kernel.
-        """
-        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        """Attention over [B, L, H, D] inputs -> [B, L, H*D]; SDPA on [B, H, L, D] views (copying them
+        to that layout first gained nothing on an H100: benchmarks/RESULTS.md)."""
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return out.transpose(1, 2).flatten(2).to(q.dtype)
 

@@ -85,6 +85,7 @@ class QwenEditPipeline:
         self.encoders_on_cpu = encoders_on_cpu
         self.offload_plan: OffloadPlan | None = None
         self.loras: list[tuple[str, float]] = []
+        self.load_seconds: dict[str, float] = {}  # per phase, set by from_files
         # The workflow's image budgets: references at ~1024x1024, the default output at 1 megapixel.
         # Only the demo changes them (a CPU can't run a tiny model at 1 MP "in seconds").
         self.reference_area = conditioning.REFERENCE_AREA
@@ -131,6 +132,7 @@ class QwenEditPipeline:
         from .transformer import load_transformer
         from .vae import load_vae
 
+        clock = _PhaseClock()
         device = torch.device(device) if device is not None else default_device()
         tokenizer_path = tokenizer if tokenizer is not None else find_tokenizer(Path(text_encoder))
         sizes = offload.file_sizes(
@@ -142,19 +144,21 @@ class QwenEditPipeline:
             host_available=offload.host_available_bytes(), **sizes,
         )  # fmt: skip
         log.info("offload: %s", plan.reason)
+        clock.done("plan")
         staging = torch.device("cpu") if plan.encoders_on_cpu else device
         model = load_transformer(
             transformer, backend=backend, compute=compute, device=device, use_pin_memory=plan.use_pin_memory,
             num_blocks_on_gpu=plan.blocks_on_gpu if plan.streams_blocks else None, compile=compile,
         )  # fmt: skip
-        pipe = cls(
-            model,
-            load_text_encoder(text_encoder, device=staging, config=text_encoder_config),
-            load_tokenizer(tokenizer_path),
-            load_vae(vae, device=staging),
-            device=device,
-            encoders_on_cpu=plan.encoders_on_cpu,
-        )
+        clock.done("transformer")
+        encoder = load_text_encoder(text_encoder, device=staging, config=text_encoder_config)
+        clock.done("text_encoder")
+        tokens = load_tokenizer(tokenizer_path)
+        clock.done("tokenizer")
+        autoencoder = load_vae(vae, device=staging)
+        clock.done("vae")
+        pipe = cls(model, encoder, tokens, autoencoder, device=device, encoders_on_cpu=plan.encoders_on_cpu)
+        pipe.load_seconds = clock.seconds
         if compile:  # not the VAE: compiled with dynamic shapes it ran slower (benchmarks/RESULTS.md)
             from .text_encoder import compile_text_encoder
 
@@ -403,6 +407,21 @@ class GPUOutOfMemoryError(RuntimeError):
     def __init__(self, message: str, suggestion: dict):
         super().__init__(message)
         self.suggestion = suggestion
+
+
+class _PhaseClock:
+    """Seconds per loading phase, CUDA-synchronized (loads end in asynchronous copies)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def done(self, phase: str) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self.last, 3)
+        self.last = now
 
 
 class StepClock:

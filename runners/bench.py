@@ -90,6 +90,7 @@ def bench_config(name: str, build, *, image: Image.Image, prompt: str, edit_kwar
         "load_s": round(load_s, 3),
         "cold_start_s": round(cold_start_s, 3),
         "first_edit_s": round(first.timings["total"], 3),
+        "load_phases_s": pipe.load_seconds,
         "page_cache_dropped": cache_dropped,
         "median_ms": {
             "text_encode": _median_ms(r["text_encode"] for r in runs),

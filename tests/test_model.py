@@ -70,3 +70,26 @@ def test_odd_latent_sizes_round_trip(model):
     x = torch.randn(1, 16, 1, 7, 9)
     out = comfy_forward(model, x, torch.tensor([0.5]), torch.randn(1, 4, 64), [torch.randn(1, 16, 1, 5, 5)])
     assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_rope_forms_agree():
+    """apply_rotary's eager (complex) and compiled (real arithmetic) forms, and both table types."""
+    from qwen_edit import model as m
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 3, 16, generator=gen).to(torch.bfloat16)
+    angles = torch.rand(7, 8, generator=gen, dtype=torch.float64) * 6
+    table = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+    eager = m.apply_rotary(x, table)
+    torch.testing.assert_close(m.apply_rotary(x, torch.view_as_real(table)), eager, rtol=0, atol=0)
+    # the real form, by hand: (x0 cos - x1 sin, x0 sin + x1 cos) per channel pair
+    x0, x1 = x.float()[..., 0::2], x.float()[..., 1::2]
+    cos, sin = angles.cos().float()[None, :, None], angles.sin().float()[None, :, None]
+    expected = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2).to(x.dtype)
+    torch.testing.assert_close(eager, expected, rtol=0.01, atol=0.01)
+    compiled_form = torch.compiler.is_compiling
+    try:
+        torch.compiler.is_compiling = lambda: True
+        torch.testing.assert_close(m.apply_rotary(x, torch.view_as_real(table)), eager, rtol=0.01, atol=0.01)
+    finally:
+        torch.compiler.is_compiling = compiled_form
