@@ -127,12 +127,13 @@ class QwenEditPipeline:
         (benchmarks/RESULTS.md; inductor caches it on disk, TORCHINDUCTOR_CACHE_DIR).
         `text_encoder_config`: only for encoders that are not the 7B one (the demo's tiny model).
         """
-        from .text_encoder import load_text_encoder
+        clock = _PhaseClock()
+        from .text_encoder import load_text_encoder  # transformers and diffusers: seconds on a cold start
         from .tokenizer import load_tokenizer
         from .transformer import load_transformer
         from .vae import load_vae
 
-        clock = _PhaseClock()
+        clock.done("imports")
         device = torch.device(device) if device is not None else default_device()
         tokenizer_path = tokenizer if tokenizer is not None else find_tokenizer(Path(text_encoder))
         sizes = offload.file_sizes(

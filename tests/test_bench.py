@@ -33,6 +33,9 @@ def test_harness_output_format(tmp_path, monkeypatch):
         assert medians["steps"] >= 2 * medians["step"] * 0.5  # two steps per edit
         assert medians["total"] >= sum(medians[k] for k in STAGES) * 0.99
         assert row["cold_start_s"] >= row["load_s"] > 0
+        phases = row["load_phases_s"]
+        assert list(phases) == ["imports", "plan", "transformer", "text_encoder", "tokenizer", "vae"]
+        assert sum(phases.values()) <= row["load_s"] * 1.01
     assert result["rows"][1]["compute"] == "fp8"
     with Image.open(chart) as image:
         assert image.format == "PNG" and image.size[0] == 900
