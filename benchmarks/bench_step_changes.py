@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_offload import cuda_ms
 from bench_pipeline import full_size_files
 
 import qwen_edit.model as model_module
@@ -52,15 +52,7 @@ def strided_attend(q, k, v, mask):
 def timed(fn, warmup: int = 2, repeats: int = 7) -> float:
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_ms(fn, repeats)
 
 
 def first_call_s(fn) -> float:
