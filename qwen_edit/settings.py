@@ -22,7 +22,7 @@ A settings file is YAML (or the same as a dict):
     cpu_offload: auto         # auto, enable, disable (ComfyUI-nunchaku's loader settings)
     num_blocks_on_gpu: 1      # with enable: transformer blocks kept on the GPU
     use_pin_memory: false     # pinned host memory for streamed blocks
-    compile: false            # torch.compile the transformer blocks (portable backend), encoder, VAE
+    compile: false            # torch.compile the transformer blocks (portable) and the text encoder
     generation: {steps: 4, cfg: 1.0, sampler_name: euler, scheduler: simple, shift: 3.0}
 
 A bare extra_model_paths.yaml (sections with a base_path at the top level) works too, with the
