@@ -909,7 +909,9 @@ def build_parser() -> _Parser:
     edit.add_argument("--vae", help="VAE file (path or name in vae/)")
     edit.add_argument("--tokenizer", help="tokenizer folder (default: beside the text encoder)")
     _offload_flags(edit)
-    edit.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks and the text encoder")
+    edit.add_argument(
+        "--compile", action="store_true", help="torch.compile the transformer blocks and the text encoder"
+    )
     edit.add_argument("--demo", action="store_true", help="use the tiny random-weight demo model (CPU)")
     edit.add_argument(
         "--dry-run", action="store_true", help="check the parameters, inputs and model files; load nothing"
