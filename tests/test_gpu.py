@@ -137,3 +137,23 @@ def test_fused_mlp_matches_the_unfused_mlp_and_steps_aside_for_loras(tmp_path):
     fc2.lora_down = torch.randn(4, fc2.in_features, device="cuda", dtype=torch.bfloat16) / 64
     fc2.lora_up = torch.randn(fc2.out_features, 4, device="cuda", dtype=torch.bfloat16) / 64
     torch.testing.assert_close(mlp(x), type(mlp).forward(mlp, x), rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_streamed_blocks_on_gpu_use_the_fused_mlp_and_match_resident_ones(tmp_path):
+    """Block streaming copies blocks into buffers (deepcopy); their fused fp8 MLPs must run the buffer's
+    own weights: streamed and resident forwards agree exactly."""
+    from qwen_edit.model import comfy_forward
+
+    path = write_tiny_transformer(tmp_path / "t.safetensors", precision="fp4")
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1, 16, 1, 8, 8), (1, 5, 64), (1, 16, 1, 6, 10)]
+    x, context, ref = (torch.randn(*shape, generator=gen).cuda() for shape in shapes)
+    inputs = (x, torch.tensor([0.7]).cuda(), context, [ref])
+    resident_model = load_transformer(path, backend="portable", compute="fp8", device="cuda")
+    resident = comfy_forward(resident_model, *inputs)
+    streamed = load_transformer(path, backend="portable", compute="fp8", device="cuda", num_blocks_on_gpu=0)
+    buffers = streamed._qwen_edit_streamer.buffers
+    if fp8.fp8_supported("cuda") and "forward" in streamed.transformer_blocks[0].img_mlp.__dict__:
+        assert all(b.img_mlp.forward.__self__ is b.img_mlp for b in buffers)
+    torch.testing.assert_close(comfy_forward(streamed, *inputs), resident, rtol=0, atol=0)
