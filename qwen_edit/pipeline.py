@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import conditioning, offload
+from . import conditioning, offload, prefetch
 from .hardware import default_device
 from .lora import LoraReport, apply_loras
 from .model import comfy_forward
@@ -128,7 +128,9 @@ class QwenEditPipeline:
         `text_encoder_config`: only for encoders that are not the 7B one (the demo's tiny model).
         """
         clock = _PhaseClock()
-        from .text_encoder import load_text_encoder  # transformers and diffusers: seconds on a cold start
+        # The disk starts on the model files while the imports below run (seconds each on a cold start).
+        prefetch.start_prefetch([transformer, text_encoder, vae], offload.host_available_bytes())
+        from .text_encoder import load_text_encoder
         from .tokenizer import load_tokenizer
         from .transformer import load_transformer
         from .vae import load_vae
