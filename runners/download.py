@@ -172,36 +172,21 @@ def hub_error(exc: Exception, repo: str, path: str) -> CliError:
 
     where = f"{repo}/{path}"
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    if isinstance(exc, errors.OfflineModeIsEnabled):
-        return CliError(
-            "offline",
-            f"cannot fetch {where}: HF_HUB_OFFLINE is set",
-            EXIT_NETWORK,
-            fix="unset HF_HUB_OFFLINE, or copy the files into the models folder yourself",
-        )
-    if isinstance(exc, errors.GatedRepoError):
-        return CliError(
-            "hub_unauthorized",
-            f"{repo} is gated: {exc}",
-            EXIT_NETWORK,
-            fix=f"accept the license on {endpoint}/{repo} and set HF_TOKEN",
-        )
-    if isinstance(exc, errors.RepositoryNotFoundError):
-        return CliError(
-            "hub_repo_not_found",
-            f"repository {repo} not found or not accessible on {endpoint}",
-            EXIT_NETWORK,
-            fix="check $HF_ENDPOINT and, for private mirrors, HF_TOKEN",
-        )
-    if isinstance(exc, errors.EntryNotFoundError):
-        return CliError(
-            "hub_file_not_found",
-            f"{where} does not exist on {endpoint}",
-            EXIT_NETWORK,
-            fix="check --precision/--rank/--steps: not every combination is published",
-        )
-    if isinstance(exc, errors.HfHubHTTPError):
-        return CliError("hub_error", f"{where}: {exc}", EXIT_NETWORK, fix="retry later; check HF_TOKEN")
+    known = (  # first match wins: GatedRepoError is a RepositoryNotFoundError, all are HfHubHTTPErrors
+        (errors.OfflineModeIsEnabled, "offline", f"cannot fetch {where}: HF_HUB_OFFLINE is set",
+         "unset HF_HUB_OFFLINE, or copy the files into the models folder yourself"),
+        (errors.GatedRepoError, "hub_unauthorized", f"{repo} is gated: {exc}",
+         f"accept the license on {endpoint}/{repo} and set HF_TOKEN"),
+        (errors.RepositoryNotFoundError, "hub_repo_not_found",
+         f"repository {repo} not found or not accessible on {endpoint}",
+         "check $HF_ENDPOINT and, for private mirrors, HF_TOKEN"),
+        (errors.EntryNotFoundError, "hub_file_not_found", f"{where} does not exist on {endpoint}",
+         "check --precision/--rank/--steps: not every combination is published"),
+        (errors.HfHubHTTPError, "hub_error", f"{where}: {exc}", "retry later; check HF_TOKEN"),
+    )  # fmt: skip
+    for kind, code, message, fix in known:
+        if isinstance(exc, kind):
+            return CliError(code, message, EXIT_NETWORK, fix=fix)
     return CliError(
         "network_error",
         f"cannot reach {endpoint} for {where}: {type(exc).__name__}: {exc}",

@@ -438,3 +438,27 @@ def test_precision_auto_follows_the_card(hub, tmp_path):
     data = events(proc.stdout)[-1]["data"]
     assert data["precision"] == expected and data["reason"]
     assert any(f["target"] == f"diffusion_models/{T4.replace('int4', expected)}" for f in data["files"])
+
+
+@pytest.mark.parametrize(
+    "kind, code",
+    [
+        ("OfflineModeIsEnabled", "offline"),
+        ("GatedRepoError", "hub_unauthorized"),  # a RepositoryNotFoundError too: the first match must win
+        ("RepositoryNotFoundError", "hub_repo_not_found"),
+        ("EntryNotFoundError", "hub_file_not_found"),
+        ("HfHubHTTPError", "hub_error"),
+        ("ConnectionError", "network_error"),
+    ],
+)
+def test_each_hub_failure_gets_its_code_and_a_fix(kind, code):
+    from huggingface_hub import errors
+
+    from runners.download import hub_error
+
+    cls = getattr(errors, kind, None) or ConnectionError
+    exc = cls.__new__(cls)  # skip __init__: its required arguments differ between hub versions
+    Exception.__init__(exc, "boom")
+    error = hub_error(exc, "org/repo", "file.safetensors")
+    assert error.code == code and error.fix
+    assert "org/repo" in error.message
