@@ -49,24 +49,15 @@ PARAM_FLAGS = {
     "height": "height",
     "batch_size": "batch_size",
 }
-# Keys of a JSON line in a --batch-file (aliases map onto EditParams names).
+# Keys of a JSON line in a --batch-file: the flags' names, EditParams' own names, and a few more.
 JOB_KEYS = {
+    **PARAM_FLAGS,
+    **{name: name for name in PARAM_FLAGS.values()},
     "prompt": "prompt",
-    "negative_prompt": "negative_prompt",
     "images": "images",
     "image": "images",
     "seed": "seed",
-    "steps": "steps",
-    "cfg": "cfg",
     "guidance": "cfg",
-    "sampler": "sampler_name",
-    "sampler_name": "sampler_name",
-    "scheduler": "scheduler",
-    "denoise": "denoise",
-    "shift": "shift",
-    "width": "width",
-    "height": "height",
-    "batch_size": "batch_size",
     "out": "out",
     "loras": "loras",
 }

@@ -232,6 +232,12 @@ def hub_env(hub: FakeHub, tmp_path: Path) -> dict:
     }
 
 
+def int4_download_args(models: Path) -> list[str]:
+    """`download` of the int4 4-step files without the tokenizer, JSON events, no retries."""
+    return ["download", "--models-dir", str(models), "--precision", "int4", "--steps", "4",
+            "--no-tokenizer", "--json", "--retries", "0"]  # fmt: skip
+
+
 EXPECTED = {
     f"diffusion_models/{T4}": (NUNCHAKU, T4),
     f"diffusion_models/{T8}": (NUNCHAKU, T8),
@@ -322,19 +328,7 @@ def test_download_into_the_comfyui_layout_then_nothing_to_do(hub, tmp_path):
 
 def test_an_interrupted_download_resumes(hub, tmp_path):
     models, env = tmp_path / "models", hub_env(hub, tmp_path)
-    args = [
-        "download",
-        "--models-dir",
-        str(models),
-        "--precision",
-        "int4",
-        "--steps",
-        "4",
-        "--no-tokenizer",
-        "--json",
-        "--retries",
-        "0",
-    ]
+    args = int4_download_args(models)
     big = hub.files[(NUNCHAKU, T4)]["content"]
     hub.cut_after[T4] = 100_000  # the connection drops, then the hub is unavailable: the run gives up
     hub.unavailable.add(T4)
@@ -365,19 +359,7 @@ def test_an_interrupted_download_resumes(hub, tmp_path):
 def test_sizes_are_verified(hub, tmp_path):
     models, env = tmp_path / "models", hub_env(hub, tmp_path)
     vae_key = (COMFY, "split_files/vae/qwen_image_vae.safetensors")
-    args = [
-        "download",
-        "--models-dir",
-        str(models),
-        "--precision",
-        "int4",
-        "--steps",
-        "4",
-        "--no-tokenizer",
-        "--json",
-        "--retries",
-        "0",
-    ]
+    args = int4_download_args(models)
     # A hub whose bytes don't add up to the size it announced: refused, nothing left in place.
     hub.files[vae_key]["advertised"] = 150_000
     bad = run_cli(args, tmp_path, env)
