@@ -128,8 +128,10 @@ class QwenEditPipeline:
         `text_encoder_config`: only for encoders that are not the 7B one (the demo's tiny model).
         """
         clock = _PhaseClock()
+        # Free RAM is read once, before the prefetch below fills the page cache, for both decisions.
+        host_available = offload.host_available_bytes()
         # The disk starts on the model files while the imports below run (seconds each on a cold start).
-        prefetch.start_prefetch([transformer, text_encoder, vae], offload.host_available_bytes())
+        prefetch.start_prefetch([transformer, text_encoder, vae], host_available)
         from .text_encoder import load_text_encoder
         from .tokenizer import load_tokenizer
         from .transformer import load_transformer
@@ -144,7 +146,7 @@ class QwenEditPipeline:
         plan = offload.plan_offload(
             cpu_offload=cpu_offload, num_blocks_on_gpu=num_blocks_on_gpu, use_pin_memory=use_pin_memory,
             budget=offload.vram_budget(device) if device.type == "cuda" else None,
-            host_available=offload.host_available_bytes(), **sizes,
+            host_available=host_available, **sizes,
         )  # fmt: skip
         log.info("offload: %s", plan.reason)
         clock.done("plan")
