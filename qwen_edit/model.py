@@ -103,8 +103,10 @@ def _fused_fp8_mlp(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs
 
 
 def use_fused_fp8_mlp(model: nn.Module) -> bool:
-    """Run every block's MLP as `_fused_fp8_mlp` where its linears compute in fp8 and Triton is there."""
-    if not kernels.register():
+    """Run every block's MLP as `_fused_fp8_mlp` where its linears compute in fp8 on fp8 tensor cores
+    (the kernel writes e4m3, which needs SM >= 8.9) and Triton is there."""
+    device = model.proj_out.weight.device
+    if not fp8.fp8_supported(device) or not kernels.register():
         return False
     for block in model.transformer_blocks:
         for mlp in (block.img_mlp, block.txt_mlp):

@@ -231,7 +231,7 @@ def _load_portable(
     if problems:
         raise CheckpointError(_mismatch_message(ckpt, problems))
     model = model.to(device)
-    if compute == "fp8" and device.type == "cuda":
+    if compute == "fp8":
         use_fused_fp8_mlp(model)
     return model
 
