@@ -422,7 +422,7 @@ def _as_pixels(images) -> torch.Tensor:
             raise ValueError(
                 f"images must be a float tensor [B,3,H,W] in [-1, 1], got {images.dtype} {list(images.shape)}"
             )
-        low, high = images.min().item(), images.max().item()
+        low, high = torch.stack(torch.aminmax(images)).tolist()  # one read back from the GPU
         if low < -1.001 or high > 1.001:
             raise ValueError(
                 f"images must be in [-1, 1] (got values in [{low:.3g}, {high:.3g}]); "
