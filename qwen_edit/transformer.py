@@ -123,7 +123,7 @@ def load_transformer(
     num_blocks_on_gpu: None keeps every block on the device; a number streams the blocks from that one
     on from CPU memory (pinned with `use_pin_memory`), see offload.py. They never occupy the GPU whole.
     compile: torch.compile each block (portable backend): 1.27x (bf16) and 1.92x (fp8) faster steps on
-    an H100, for ~16 s of compilation at the first step (benchmarks/RESULTS.md).
+    an H100, for 14-21 s of compilation at the first step (benchmarks/RESULTS.md).
     """
     start = time.perf_counter()
     ckpt = read_checkpoint(path)
@@ -156,7 +156,7 @@ def compile_blocks(model: nn.Module) -> None:
     Per block rather than the whole model: the 60 blocks share one compiled graph, so compiling costs
     one block's time, and the Python loop between blocks (offload hooks, RoPE tables) stays eager.
     Dynamic shapes: prompt lengths (and image sizes) change from one edit to the next, and a static graph
-    recompiled for each new length (5 s on an H100) where the dynamic one runs at once, ~1% slower per
+    recompiled for each new length (5-9 s on an H100) where the dynamic one runs at once, ~1% slower per
     step (benchmarks/RESULTS.md).
     """
     streamer = getattr(model, "_qwen_edit_streamer", None)
