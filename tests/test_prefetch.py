@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from qwen_edit import prefetch
 
 
-def test_reads_files_and_folders_in_order(tmp_path):
+def test_reads_files_and_folders_in_order(tmp_path, monkeypatch):
     a = tmp_path / "a.safetensors"
     a.write_bytes(b"x" * (3 * prefetch.CHUNK // 2))
     folder = tmp_path / "encoder"
@@ -14,10 +16,29 @@ def test_reads_files_and_folders_in_order(tmp_path):
         (folder / name).write_bytes(b"y" * 10)
     files = prefetch.model_files([a, None, folder, tmp_path / "missing"])
     assert files == [a, folder / "model-00001.safetensors", folder / "model-00002.safetensors"]
+    read: dict[str, int] = {}
+
+    class CountingFile:  # `open` as prefetch uses it; every byte read goes through readinto
+        def __init__(self, path, *args, **kwargs):
+            self.name, self.file = Path(path).name, open(path, *args, **kwargs)  # noqa: SIM115
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def readinto(self, buffer):
+            n = self.file.readinto(buffer)
+            read[self.name] = read.get(self.name, 0) + n
+            return n
+
+    monkeypatch.setattr(prefetch, "open", CountingFile, raising=False)
     thread = prefetch.start_prefetch([a, folder], available=10 * a.stat().st_size)
     assert thread is not None and thread.daemon
     thread.join(timeout=30)
     assert not thread.is_alive()
+    assert list(read) == [f.name for f in files] and all(read[f.name] == f.stat().st_size for f in files)
 
 
 def test_skipped_when_memory_is_short_or_unknown(tmp_path):
