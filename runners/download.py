@@ -207,6 +207,24 @@ def _sidecar(part: Path) -> Path:
     return part.with_name(part.name + ".json")
 
 
+def _discard(path: Path) -> None:
+    """Delete a bad download and its sidecar."""
+    path.unlink(missing_ok=True)
+    _sidecar(path).unlink(missing_ok=True)
+
+
+def _size_mismatch(part: Path, f: RemoteFile, got: int, message: str) -> CliError:
+    """Discard `part`, whose byte count contradicts the hub's, and say so."""
+    _discard(part)
+    return CliError(
+        "size_mismatch",
+        f"{f.target}: {message}; the partial file was deleted",
+        EXIT_NETWORK,
+        fix="rerun `qwen-edit download`; if it persists, check $HF_ENDPOINT",
+        details={"target": f.target, "bytes": got, "size": f.size},
+    )
+
+
 def _read_sidecar(part: Path) -> dict:
     try:
         return json.loads(_sidecar(part).read_text())
@@ -337,15 +355,7 @@ def download_file(
             sleep(min(2.0 ** max(failures - 1, 0), 30.0))
     got = part.stat().st_size
     if got != f.size:  # the loop exits only at >= size; more than the hub said is a bad file
-        part.unlink()
-        _sidecar(part).unlink(missing_ok=True)
-        raise CliError(
-            "size_mismatch",
-            f"{f.target}: received {got} bytes, the hub says {f.size}; the partial file was deleted",
-            EXIT_NETWORK,
-            fix="rerun `qwen-edit download`; if it persists, check $HF_ENDPOINT",
-            details={"target": f.target, "bytes": got, "size": f.size},
-        )
+        raise _size_mismatch(part, f, got, f"received {got} bytes, the hub says {f.size}")
     if checksum:
         verify_checksum(f, part)
     os.replace(part, target)
@@ -365,16 +375,11 @@ def _transfer(
         if exc.code in (408, 429, 500, 502, 503, 504):
             raise _Retryable(f"HTTP {exc.code}") from exc
         if exc.code == 416 and have:  # the server's file ends before the size the hub's HEAD gave
-            part.unlink()
-            _sidecar(part).unlink(missing_ok=True)
-            raise CliError(
-                "size_mismatch",
-                f"{f.target}: the server has fewer bytes than the {f.size} the hub's metadata "
-                f"gives (range from {have} refused); the partial file was deleted",
-                EXIT_NETWORK,
-                fix="rerun `qwen-edit download`; if it persists, check $HF_ENDPOINT",
-                details={"target": f.target, "bytes": have, "size": f.size},
-            ) from exc
+            message = (
+                f"the server has fewer bytes than the {f.size} the hub's metadata gives "
+                f"(range from {have} refused)"
+            )
+            raise _size_mismatch(part, f, have, message) from exc
         raise CliError(
             "hub_error",
             f"{f.repo}/{f.path}: HTTP {exc.code} {exc.reason}",
@@ -435,8 +440,7 @@ def verify_checksum(f: RemoteFile, path: Path) -> bool:
         return False
     actual = sha256_file(path)
     if actual != f.etag:
-        path.unlink()
-        _sidecar(path).unlink(missing_ok=True)
+        _discard(path)
         raise CliError(
             "checksum_mismatch",
             f"{f.target}: sha256 {actual} but the hub says {f.etag}; the download was deleted",
