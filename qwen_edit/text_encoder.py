@@ -650,7 +650,7 @@ def _masked_window_attention(
     """
     n = hidden_states.shape[0]
     q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    if position_embeddings is None:  # transformers < 4.54 passed only the angles
+    if position_embeddings is None:  # older transformers releases passed only the angles
         angles = torch.cat((rotary_pos_emb, rotary_pos_emb), dim=-1)
         position_embeddings = (angles.cos(), angles.sin())
     cos, sin = position_embeddings
