@@ -123,7 +123,7 @@ class QwenEditPipeline:
         ComfyUI-nunchaku loader's settings, see `set_offload`; decided before loading, so a model larger
         than the card never lands on it whole.
         `compile`: torch.compile the transformer blocks (portable backend) and the text encoder's layers:
-        ~2x faster steps and text encoding on an H100, for compilation during the first edit
+        1.7x faster fp8 steps and 2x faster text encoding on an H100, for compilation during the first edit
         (benchmarks/RESULTS.md; inductor caches it on disk, TORCHINDUCTOR_CACHE_DIR).
         `text_encoder_config`: only for encoders that are not the 7B one (the demo's tiny model).
         """
