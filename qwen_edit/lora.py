@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from .nunchaku_backend import MAX_RANK as NUNCHAKU_MAX_RANK
 from .svdq import layout
 from .svdq.checkpoint import AWQ_LAYERS, SVDQ_LAYERS
 from .svdq.layers import DequantizedLinear
@@ -272,10 +273,15 @@ def apply_loras(model: nn.Module, loras: Sequence[tuple[LoraFile | str | Path, f
                 f"{unmatched[:5]}",
                 stacklevel=2,
             )
-    for name, module in _lora_layers(model):
-        _set_branch(module, _concat(branches.pop(name, []), module))
+    layers = list(_lora_layers(model))
+    new = {name: _concat(branches.pop(name, []), module) for name, module in layers}
     if branches:  # a target resolved above but is not a LoRA-capable layer
         raise LoraError(f"cannot attach LoRA to {sorted(branches)[:5]}: not linear layers")
+    for name, module in layers:  # checked before any layer changes: a refused set leaves the model as it was
+        if _is_nunchaku_svdq(module) and new[name] is not None:
+            _check_nunchaku_rank(name, module, new[name][0].shape[0])
+    for name, module in layers:
+        _set_branch(module, new[name])
     report.seconds = time.perf_counter() - start
     return report
 
@@ -352,6 +358,17 @@ def _add_branch(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch
     x = inputs[0]
     delta = F.linear(F.linear(x.to(module.lora_down.dtype), module.lora_down), module.lora_up)
     return output + delta.to(output.dtype)
+
+
+def _check_nunchaku_rank(name: str, module: nn.Module, lora_rank: int) -> None:
+    base = getattr(module, "_qwen_edit_base_rank", module.proj_down.shape[1])
+    total = base + lora_rank + (-lora_rank % 16)
+    if total > NUNCHAKU_MAX_RANK:
+        raise LoraError(
+            f"{name}: the quantized layer's rank {base} plus the LoRAs' {lora_rank} (padded to "
+            f"{total - base}) is {total}, over the {NUNCHAKU_MAX_RANK} ranks Nunchaku's kernel supports. "
+            "Use fewer or lower-rank LoRAs on the Nunchaku backend, or backend='portable' (no limit)."
+        )
 
 
 def _set_nunchaku_low_rank(module: nn.Module, branch: tuple[torch.Tensor, torch.Tensor] | None) -> None:

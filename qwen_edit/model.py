@@ -144,7 +144,9 @@ def build_model(config: dict) -> nn.Module:
 #   - h/w positions are centred as i - n // 2 (diffusers differs by one for odd grids);
 #   - the timestep reaches the sinusoidal embedding in float32 (diffusers rounds it to bf16 first).
 # comfy_forward reproduces ComfyUI's and calls the same submodules, so it runs on the portable model
-# and on Nunchaku's diffusers-style model alike.
+# and on Nunchaku's model alike; only the RoPE tables' form differs: real (cos, sin) pairs for our
+# processor, complex for Nunchaku's (NunchakuQwenImageNaiveFA2Processor applies them with diffusers'
+# apply_rotary_emb_qwen(use_real=False)).
 
 
 def _patchify(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -201,12 +203,24 @@ def comfy_rope(
 
 @functools.lru_cache(maxsize=16)
 def _rope_on(
-    device: torch.device, noise_grid: tuple[int, int], ref_grids: tuple, text_len: int, axes_dim: tuple
+    device: torch.device,
+    noise_grid: tuple[int, int],
+    ref_grids: tuple,
+    text_len: int,
+    axes_dim: tuple,
+    complex_form: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """comfy_rope as (cos, sin) tables [L, D/2, 2] on `device`, cached: every step (and the cfg pass) of
-    an edit asks for the same ones."""
+    """comfy_rope as (cos, sin) tables [L, D/2, 2] (complex [L, D/2] with `complex_form`) on `device`,
+    cached: every step (and the cfg pass) of an edit asks for the same ones."""
     img, txt = comfy_rope(noise_grid, list(ref_grids), text_len, list(axes_dim))
+    if complex_form:
+        return img.to(device), txt.to(device)
     return tuple(torch.view_as_real(t).contiguous().to(device) for t in (img, txt))
+
+
+def takes_complex_rope(model: nn.Module) -> bool:
+    """Whether the model's attention wants complex RoPE tables (Nunchaku's processor) or real pairs."""
+    return not isinstance(model.transformer_blocks[0].attn.processor, FusedQKVAttnProcessor)
 
 
 def comfy_forward(
@@ -231,7 +245,10 @@ def comfy_forward(
         ref_tokens, rh, rw = _patchify(ref.to(dtype))
         tokens = torch.cat([tokens, ref_tokens.expand(b, -1, -1)], dim=1)
         grids.append((rh, rw))
-    rope = _rope_on(x.device, (hh, ww), tuple(grids), context.shape[1], tuple(model.config.axes_dims_rope))
+    rope = _rope_on(
+        x.device, (hh, ww), tuple(grids), context.shape[1], tuple(model.config.axes_dims_rope),
+        takes_complex_rope(model),
+    )  # fmt: skip
 
     hidden = model.img_in(tokens)
     text = model.txt_in(model.txt_norm(context.to(dtype)))

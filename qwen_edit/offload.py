@@ -286,13 +286,18 @@ def set_block_offload(model: nn.Module, num_blocks_on_gpu: int, use_pin_memory: 
     """
     n = len(model.transformer_blocks)
     if getattr(model.qwen_edit_info, "backend", "portable") == "nunchaku":
-        # Nunchaku's own CPUOffloadManager (nunchaku-format.md 4) takes the same two settings.
-        if num_blocks_on_gpu >= n:
-            model.set_offload(False)
-        else:
-            model.set_offload(
-                True, num_blocks_on_gpu=max(1, num_blocks_on_gpu), use_pin_memory=use_pin_memory
-            )
+        from .nunchaku_backend import NunchakuBlockStreamer
+
+        streamer = getattr(model, "_qwen_edit_streamer", None)
+        if streamer is None:
+            if num_blocks_on_gpu >= n:
+                return
+            streamer = NunchakuBlockStreamer(model, model.img_in.weight.device, use_pin_memory)
+        streamer.pin = use_pin_memory and torch.cuda.is_available()
+        streamer.set_first(num_blocks_on_gpu)
+        model._qwen_edit_streamer = streamer if num_blocks_on_gpu < n else None
+        if streamer.device.type == "cuda":
+            torch.cuda.empty_cache()
         return
     streamer: BlockStreamer | None = getattr(model, "_qwen_edit_streamer", None)
     if streamer is not None and streamer.pin != (use_pin_memory and torch.cuda.is_available()):
@@ -395,9 +400,9 @@ def plan_offload(
 
 
 def stream_buffer_bytes(block_bytes: int, packed_block_bytes: int, compute: str) -> int:
-    """GPU memory that streaming itself takes (BlockStreamer): two fp8 buffer blocks, or one buffer
-    block plus two packed staging slots and the expansion's float32 temporaries."""
-    if compute == "fp8":
+    """GPU memory that streaming itself takes: two buffer blocks (fp8 weights, or Nunchaku's packed
+    blocks), or one buffer block plus two packed staging slots and the expansion's float32 temporaries."""
+    if compute == "fp8" or compute.startswith("nunchaku"):
         return 2 * block_bytes
     return block_bytes + 2 * packed_block_bytes + EXPAND_BYTES
 
@@ -413,14 +418,17 @@ def file_sizes(
 ) -> dict:
     """plan_offload's size arguments from the files (headers and sizes only, nothing loaded)."""
     from .hardware import describe_device
-    from .transformer import choose_backend, choose_compute, nunchaku_available
+    from .nunchaku_backend import status
+    from .transformer import choose_backend, choose_compute
 
     ckpt = read_checkpoint(transformer)
     info = describe_device(device)
     if backend not in ("portable", "nunchaku"):
-        backend = choose_backend(backend, info, ckpt.precision, nunchaku_available())[0]
-    if compute not in ("bf16", "fp8"):
-        compute = choose_compute(compute, info) if backend == "portable" else compute
+        backend = choose_backend(backend, info, ckpt.precision, status())[0]
+    if backend == "nunchaku":
+        compute = f"nunchaku-{ckpt.precision}"
+    elif compute not in ("bf16", "fp8"):
+        compute = choose_compute(compute, info)
     block_bytes, packed_block_bytes, other = estimate_transformer_bytes(ckpt, compute, backend)
     return {
         "num_blocks": ckpt.num_layers,

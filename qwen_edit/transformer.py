@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import nunchaku_backend
 from .hardware import DeviceInfo, UnsupportedHardwareError, describe_device, nunchaku_precision_error
 from .model import build_model, use_fused_fp8_mlp
+from .nunchaku_backend import NunchakuStatus, version_problem
 from .svdq.checkpoint import (
     AWQ_LAYERS,
     SVDQ_LAYERS,
@@ -40,6 +42,10 @@ COMPUTES = ("auto", "bf16", "fp8")
 UNUSED_AT_RUNTIME = ("smooth_factor_orig",)  # nunchaku linear.py: kept in files, never read
 
 
+class NunchakuUnavailableError(ImportError):
+    """backend='nunchaku' was asked for, but Nunchaku is missing, broken or too old; says what to do."""
+
+
 @dataclass(frozen=True)
 class TransformerInfo:
     """What `load_transformer` chose and why; attached to the model as `model.qwen_edit_info`."""
@@ -54,45 +60,44 @@ class TransformerInfo:
     load_seconds: float
 
 
-def nunchaku_available() -> bool:
-    """True when Nunchaku's Qwen model class imports (the PyPI package named `nunchaku` is unrelated)."""
-    try:
-        from nunchaku import NunchakuQwenImageTransformer2DModel  # noqa: F401
-    except Exception:  # ImportError, or a wheel built for another torch failing to load its extension
-        return False
-    return True
+def choose_backend(
+    backend: str, info: DeviceInfo, precision: str, installed: NunchakuStatus
+) -> tuple[str, str]:
+    """(backend, reason). Raises where the requested backend cannot work here, saying what to do.
 
-
-def choose_backend(backend: str, info: DeviceInfo, precision: str, have_nunchaku: bool) -> tuple[str, str]:
-    """(backend, reason). Raises UnsupportedHardwareError where the choice cannot work on this card."""
+    "auto" takes Nunchaku where the card has kernels for the file's precision and a working Nunchaku
+    of a version that supports the card is installed; where Nunchaku can't run (not installed, broken,
+    too old) it falls back to the portable backend with a warning, whatever the file. A card with
+    kernels for the *other* precision and a working Nunchaku is an error: almost surely the wrong file.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    problem = nunchaku_precision_error(info, precision)
     if backend == "portable":
         return "portable", "backend='portable' was requested"
+    card_problem = nunchaku_precision_error(info, precision)
+    install_problem = installed.problem() or (version_problem(info, installed) if installed.ok else None)
     if backend == "nunchaku":
-        if problem:
-            raise UnsupportedHardwareError(problem)
-        if not have_nunchaku:
-            raise ImportError(
-                "backend='nunchaku' needs the nunchaku package, which is not on PyPI: install the wheel "
-                "matching your torch and Python from https://github.com/nunchaku-tech/nunchaku/releases "
-                "(see README, 'Install on a pod'), or use backend='portable'."
-            )
+        if card_problem:
+            raise UnsupportedHardwareError(card_problem)
+        if install_problem:
+            raise NunchakuUnavailableError(install_problem)
         return "nunchaku", f"{info.name} ({info.sm}) runs {precision} files with Nunchaku's kernels"
     # auto
     if info.nunchaku_precision is None:
+        if info.capability == (7, 5):
+            return "portable", card_problem
         return "portable", f"{info.name} ({info.sm}) has no Nunchaku kernels; using dequantized weights"
-    if problem:  # a card with 4-bit kernels, but for the other precision: almost surely the wrong file
-        raise UnsupportedHardwareError(problem)
-    if not have_nunchaku:
+    if install_problem:
         log.warning(
-            "%s could run this %s file with Nunchaku's 4-bit kernels, but nunchaku is not installed; "
-            "falling back to the portable backend (more memory). See README, 'Install on a pod'.",
+            "%s could run %s files with Nunchaku's 4-bit kernels, but: %s Falling back to the portable "
+            "backend (dequantized weights: more memory).",
             info.name,
-            precision,
+            info.nunchaku_precision,
+            install_problem,
         )
-        return "portable", "nunchaku is not installed"
+        return "portable", f"Nunchaku can't run here: {install_problem}"
+    if card_problem:  # a card with 4-bit kernels, but for the other precision: almost surely the wrong file
+        raise UnsupportedHardwareError(card_problem)
     return "nunchaku", f"{info.name} ({info.sm}) runs {precision} files with Nunchaku's kernels"
 
 
@@ -128,10 +133,12 @@ def load_transformer(
     start = time.perf_counter()
     ckpt = read_checkpoint(path)
     info = describe_device(device)
-    chosen, reason = choose_backend(backend, info, ckpt.precision, nunchaku_available())
+    chosen, reason = choose_backend(backend, info, ckpt.precision, nunchaku_backend.status())
     streamed_from = ckpt.num_layers if num_blocks_on_gpu is None else num_blocks_on_gpu
     if chosen == "nunchaku":
-        model = _load_nunchaku(ckpt, info, dtype)
+        if dtype != torch.bfloat16:
+            raise ValueError(f"the Nunchaku backend runs bf16 (its Qwen-Image kernels), not {dtype}")
+        model = nunchaku_backend.load_model(ckpt, info.device, dtype, streamed_from, use_pin_memory)
         mode = f"nunchaku-{ckpt.precision}"
     else:
         mode = choose_compute(compute, info)
@@ -165,13 +172,6 @@ def compile_blocks(model: nn.Module) -> None:
     ]  # streamed shells run a buffer
     for block in [*blocks, *(streamer.buffers if streamer is not None else [])]:
         block.compile(dynamic=True)
-
-
-def _load_nunchaku(ckpt: SVDQCheckpoint, info: DeviceInfo, dtype: torch.dtype) -> nn.Module:
-    from nunchaku import NunchakuQwenImageTransformer2DModel  # GitHub-release wheel, imported lazily
-
-    model = NunchakuQwenImageTransformer2DModel.from_pretrained(str(ckpt.path), torch_dtype=dtype)
-    return model.to(info.device)
 
 
 def quantized_layer_kinds(num_layers: int, precision: str) -> dict[str, tuple[str, float]]:

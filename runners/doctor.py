@@ -9,8 +9,6 @@ Nothing heavy is loaded: safetensors headers and file sizes only.
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import json
 import os
 import platform
@@ -53,7 +51,7 @@ class Facts:
 
     device: object = None  # qwen_edit.hardware.DeviceInfo, or None when torch sees no GPU
     smi: dict = field(default_factory=dict)
-    have_nunchaku: bool = False
+    nunchaku: object = None  # qwen_edit.nunchaku_backend.NunchakuStatus, once checked
     files: dict = field(default_factory=dict)  # slot -> Path of the files found
     settings: object = None
 
@@ -319,10 +317,14 @@ def arch_supported(capability: tuple[int, int], arch_list: list[str]) -> bool:
 def check_nunchaku(facts: Facts) -> Check:
     import torch
 
+    from qwen_edit.nunchaku_backend import status, version_problem
+
     info = facts.device
     native = info.nunchaku_precision if info is not None else None
     where = f"{info.name} ({info.sm})" if info is not None else "this machine (no CUDA GPU)"
-    if importlib.util.find_spec("nunchaku") is None:
+    installed = facts.nunchaku = status()
+    torch_version = torch.__version__.split("+")[0]
+    if installed.state == "missing":
         if native is None:
             return Check(
                 "nunchaku",
@@ -335,34 +337,15 @@ def check_nunchaku(facts: Facts) -> Check:
             "warn",
             f"not installed, but {where} has Nunchaku {native} kernels; the portable backend "
             "will run instead (dequantized weights: more memory)",
-            fix=f"install the wheel matching torch {torch.__version__.split('+')[0]} and Python "
+            fix=f"install the wheel matching torch {torch_version} and Python "
             f"{platform.python_version()} from {NUNCHAKU_RELEASES} (README, 'Install on a pod')",
         )
-    try:
-        dist = importlib.metadata.version("nunchaku")
-    except importlib.metadata.PackageNotFoundError:
-        dist = None
-    try:
-        import nunchaku
-    except Exception as exc:  # a wheel for another torch/CUDA fails here with an undefined symbol
-        return Check(
-            "nunchaku",
-            "error",
-            f"installed ({dist}) but does not import: {type(exc).__name__}: {exc}",
-            fix=f"reinstall the wheel built for torch {torch.__version__.split('+')[0]} from "
-            f"{NUNCHAKU_RELEASES}",
-        )
-    if not hasattr(nunchaku, "NunchakuQwenImageTransformer2DModel"):
-        return Check(
-            "nunchaku",
-            "error",
-            f"the installed 'nunchaku' ({dist}) is not Nunchaku (the PyPI package of that "
-            "name is unrelated) or is too old for Qwen-Image",
-            fix=f"pip uninstall -y nunchaku, then install the wheel from {NUNCHAKU_RELEASES}",
-        )
-    facts.have_nunchaku = True
+    if not installed.ok:
+        message = installed.problem()
+        return Check("nunchaku", "error", message.split(": ", 1)[0], fix=message)
+    dist = installed.version
     match = re.search(r"torch(\d+\.\d+)", dist or "")
-    torch_mm = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    torch_mm = ".".join(torch_version.split(".")[:2])
     details = {"version": dist, "built_for_torch": match.group(1) if match else None, "torch": torch_mm}
     if match and match.group(1) != torch_mm:
         return Check(
@@ -372,6 +355,9 @@ def check_nunchaku(facts: Facts) -> Check:
             fix=f"install the nunchaku wheel for torch {torch_mm} from {NUNCHAKU_RELEASES}",
             details=details,
         )
+    too_old = version_problem(info, installed) if info is not None else None
+    if too_old:
+        return Check("nunchaku", "error", too_old.split(";")[0], fix=too_old, details=details)
     use = f"used for {native} files" if native else f"installed but unused: {where} has no Nunchaku kernels"
     return Check("nunchaku", "ok", f"nunchaku {dist}: {use}", details=details)
 
@@ -553,6 +539,7 @@ def check_backend(facts: Facts, backend: str, compute: str) -> Check:
     import torch
 
     from qwen_edit.hardware import DeviceInfo, UnsupportedHardwareError
+    from qwen_edit.nunchaku_backend import status
     from qwen_edit.transformer import choose_backend, choose_compute
 
     info = facts.device or DeviceInfo(torch.device("cpu"), "cpu", None, None)
@@ -572,7 +559,7 @@ def check_backend(facts: Facts, backend: str, compute: str) -> Check:
         precision = info.nunchaku_precision or "int4"
         source = f"no transformer file yet; `qwen-edit download` would fetch {precision} files"
     try:
-        chosen, reason = choose_backend(backend, info, precision, facts.have_nunchaku)
+        chosen, reason = choose_backend(backend, info, precision, facts.nunchaku or status())
     except (UnsupportedHardwareError, ImportError, ValueError) as exc:
         return Check(
             "backend",

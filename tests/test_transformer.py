@@ -13,11 +13,18 @@ from twins import dense_twin, forward_inputs
 
 from qwen_edit.hardware import DeviceInfo, UnsupportedHardwareError
 from qwen_edit.model import build_model
+from qwen_edit.nunchaku_backend import NunchakuStatus
 from qwen_edit.svdq import expected_tensors, quantize_svdq_linear, read_checkpoint, svdq_dense
 from qwen_edit.svdq.checkpoint import _DTYPES, CheckpointError
 from qwen_edit.svdq.quantize import FUSED_PARTS
 from qwen_edit.tiny import TINY_TRANSFORMER_CONFIG, tiny_reference_transformer, write_tiny_transformer
-from qwen_edit.transformer import choose_backend, choose_compute, load_transformer, quantized_layer_kinds
+from qwen_edit.transformer import (
+    NunchakuUnavailableError,
+    choose_backend,
+    choose_compute,
+    load_transformer,
+    quantized_layer_kinds,
+)
 
 MANIFESTS = ["svdq_fp4_r128", "svdq_fp4_r32", "svdq_int4_r128", "svdq_int4_r32"]
 
@@ -206,25 +213,28 @@ def _card(name, capability):
     return DeviceInfo(torch.device("cuda", 0), name, capability, 32 << 30)
 
 
+OK, MISSING = NunchakuStatus("ok", "1.0.1"), NunchakuStatus("missing")
+
+
 def test_backend_choice_per_card():
     rtx5090, rtx4090, h100 = _card("RTX 5090", (12, 0)), _card("RTX 4090", (8, 9)), _card("H100", (9, 0))
-    assert choose_backend("auto", rtx5090, "fp4", have_nunchaku=True)[0] == "nunchaku"
-    assert choose_backend("auto", rtx4090, "int4", have_nunchaku=True)[0] == "nunchaku"
-    assert choose_backend("auto", h100, "fp4", have_nunchaku=True)[0] == "portable"
-    assert choose_backend("auto", rtx5090, "fp4", have_nunchaku=False)[0] == "portable"
+    assert choose_backend("auto", rtx5090, "fp4", OK)[0] == "nunchaku"
+    assert choose_backend("auto", rtx4090, "int4", OK)[0] == "nunchaku"
+    assert choose_backend("auto", h100, "fp4", OK)[0] == "portable"
+    assert choose_backend("auto", rtx5090, "fp4", MISSING)[0] == "portable"
     cpu = DeviceInfo(torch.device("cpu"), "cpu", None, None)
-    assert choose_backend("auto", cpu, "int4", have_nunchaku=False)[0] == "portable"
+    assert choose_backend("auto", cpu, "int4", MISSING)[0] == "portable"
     # The wrong precision for the card: the error names the card, the file's precision and the fixes.
     with pytest.raises(
         UnsupportedHardwareError, match=r"RTX 5090 \(SM 120\).*this file is int4.*svdq-fp4_r128.*portable"
     ):
-        choose_backend("auto", rtx5090, "int4", have_nunchaku=True)
+        choose_backend("auto", rtx5090, "int4", OK)
     with pytest.raises(UnsupportedHardwareError, match=r"H100 \(SM 90\) has no Nunchaku.*backend='portable'"):
-        choose_backend("nunchaku", h100, "fp4", have_nunchaku=True)
-    with pytest.raises(ImportError, match="github.com/nunchaku-tech/nunchaku/releases"):
-        choose_backend("nunchaku", rtx5090, "fp4", have_nunchaku=False)
+        choose_backend("nunchaku", h100, "fp4", OK)
+    with pytest.raises(NunchakuUnavailableError, match="github.com/nunchaku-tech/nunchaku/releases"):
+        choose_backend("nunchaku", rtx5090, "fp4", MISSING)
     with pytest.raises(ValueError, match="backend must be one of"):
-        choose_backend("fast", h100, "fp4", have_nunchaku=False)
+        choose_backend("fast", h100, "fp4", MISSING)
     assert choose_compute("auto", h100) == "fp8"
     assert choose_compute("auto", _card("A100", (8, 0))) == "bf16"
     assert choose_compute("auto", cpu) == "bf16"
