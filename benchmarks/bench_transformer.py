@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import platform
 import statistics
@@ -32,7 +33,7 @@ def forward_inputs(size: int, ref_images: int, text_tokens: int, device, dtype=t
     side = size // 16  # VAE /8, then 2x2 patches
     gen = torch.Generator(device).manual_seed(0)
     tokens = side * side * (1 + ref_images)
-    return dict(
+    inputs = dict(
         hidden_states=torch.randn(1, tokens, 64, generator=gen, device=device, dtype=dtype),
         encoder_hidden_states=torch.randn(1, text_tokens, 3584, generator=gen, device=device, dtype=dtype),
         encoder_hidden_states_mask=torch.ones(1, text_tokens, device=device, dtype=torch.long),
@@ -40,6 +41,13 @@ def forward_inputs(size: int, ref_images: int, text_tokens: int, device, dtype=t
         img_shapes=[[(1, side, side)] * (1 + ref_images)],
         return_dict=False,
     )
+    from diffusers import QwenImageTransformer2DModel
+
+    # diffusers 0.36 (the worker extra's line) sizes the text RoPE from `txt_seq_lens`; later releases
+    # take it from encoder_hidden_states and no longer accept the argument.
+    if "txt_seq_lens" in inspect.signature(QwenImageTransformer2DModel.forward).parameters:
+        inputs["txt_seq_lens"] = [text_tokens]
+    return inputs
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from twins import with_text_lengths
 
 from qwen_edit import fp8
 from qwen_edit.tiny import write_tiny_transformer
@@ -33,12 +34,14 @@ def test_scaled_mm_matches_the_emulated_fp8_product():
 def test_tiny_model_on_gpu_matches_cpu(tmp_path, precision, compute):
     path = write_tiny_transformer(tmp_path / "tiny.safetensors", precision=precision)
     gen = torch.Generator().manual_seed(0)
-    inputs = dict(
-        hidden_states=torch.randn(1, 32, 64, generator=gen),
-        encoder_hidden_states=torch.randn(1, 7, 64, generator=gen),
-        timestep=torch.tensor([0.5]),
-        img_shapes=[[(1, 4, 4), (1, 4, 4)]],
-        return_dict=False,
+    inputs = with_text_lengths(
+        dict(
+            hidden_states=torch.randn(1, 32, 64, generator=gen),
+            encoder_hidden_states=torch.randn(1, 7, 64, generator=gen),
+            timestep=torch.tensor([0.5]),
+            img_shapes=[[(1, 4, 4), (1, 4, 4)]],
+            return_dict=False,
+        )
     )
     cpu = load_transformer(path, backend="portable", compute="bf16", device="cpu", dtype=torch.float32)
     y_cpu = cpu(**inputs)[0]

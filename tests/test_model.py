@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from twins import with_text_lengths
 
 from qwen_edit.model import comfy_forward, comfy_rope, image_positions
 from qwen_edit.tiny import write_tiny_transformer
@@ -32,11 +33,15 @@ def test_matches_diffusers_forward_where_the_two_agree(model):
     ours = comfy_forward(model, x, sigma, ctx, [ref])
     tokens = torch.cat([_pack(x), _pack(ref).expand(2, -1, -1)], dim=1)
     theirs = model(
-        hidden_states=tokens,
-        encoder_hidden_states=ctx,
-        timestep=sigma,
-        img_shapes=[[(1, 4, 6), (1, 4, 6)]] * 2,
-        return_dict=False,
+        **with_text_lengths(
+            dict(
+                hidden_states=tokens,
+                encoder_hidden_states=ctx,
+                timestep=sigma,
+                img_shapes=[[(1, 4, 6), (1, 4, 6)]] * 2,
+                return_dict=False,
+            )
+        )
     )[0][:, :24]
     assert torch.allclose(_pack(ours), theirs, atol=1e-4 * theirs.abs().max())
 

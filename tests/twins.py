@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -40,15 +41,32 @@ def dense_twin(path) -> QwenImageTransformer2DModel:
     return model.eval()
 
 
+def with_text_lengths(inputs: dict) -> dict:
+    """`inputs` for diffusers' QwenImageTransformer2DModel.forward, plus `txt_seq_lens` where the installed
+    diffusers needs it.
+
+    The 0.36 line (the worker extra's) sizes the text RoPE table from `txt_seq_lens` (its forward takes
+    `max(txt_seq_lens)`, and None fails); later releases take the length from `encoder_hidden_states`
+    and no longer accept the argument. Every text token here is real (no mask), so each prompt's length
+    is the sequence length, which is the value the later releases use.
+    """
+    if "txt_seq_lens" not in inspect.signature(QwenImageTransformer2DModel.forward).parameters:
+        return inputs
+    batch, length = inputs["encoder_hidden_states"].shape[:2]
+    return {**inputs, "txt_seq_lens": [length] * batch}
+
+
 def forward_inputs(batch=1, ref_images=1):
     gen = torch.Generator().manual_seed(1)
     img_shapes = [[(1, 4, 4)] * (1 + ref_images)] * batch
-    return dict(
-        hidden_states=torch.randn(batch, 16 * (1 + ref_images), 64, generator=gen),
-        encoder_hidden_states=torch.randn(batch, 7, 64, generator=gen),
-        timestep=torch.tensor([0.625] * batch),  # exact in bf16: diffusers casts it to the model dtype,
-        img_shapes=img_shapes,
-        return_dict=False,
+    return with_text_lengths(
+        dict(
+            hidden_states=torch.randn(batch, 16 * (1 + ref_images), 64, generator=gen),
+            encoder_hidden_states=torch.randn(batch, 7, 64, generator=gen),
+            timestep=torch.tensor([0.625] * batch),  # exact in bf16: diffusers casts it to the model dtype,
+            img_shapes=img_shapes,
+            return_dict=False,
+        )
     )
 
 
