@@ -101,16 +101,16 @@ def version_problems(
 
 
 def import_problems() -> list[str]:
-    """`import nunchaku` and its compiled extension, as the Nunchaku backend imports them."""
+    """`import nunchaku` and its compiled extension, judged as the Nunchaku backend judges them."""
+    from qwen_edit.nunchaku_backend import status
+
+    found = status()
+    if not found.ok:
+        return [found.problem()]
     try:
-        import nunchaku
         from nunchaku._C import ops  # noqa: F401  (the kernels; nunchaku.ops imports them too)
     except Exception as exc:  # ImportError, OSError: undefined symbol, missing libcudart, ...
-        return [f"import nunchaku / nunchaku._C fails: {type(exc).__name__}: {exc}"]
-    if not hasattr(nunchaku, "NunchakuQwenImageTransformer2DModel"):
-        return [
-            "the installed nunchaku has no NunchakuQwenImageTransformer2DModel (not Nunchaku, or too old)"
-        ]
+        return [f"nunchaku._C fails to import: {type(exc).__name__}: {exc}"]
     return []
 
 

@@ -75,14 +75,20 @@ def test_other_mismatches_fail():
 def test_main_fails_when_the_extension_does_not_import(monkeypatch, capsys):
     # The installed torch and Python, so only the import can fail; an unimportable nunchaku stands in for
     # a wheel whose extension does not load.
+    from qwen_edit.nunchaku_backend import status
+
     monkeypatch.setitem(sys.modules, "nunchaku", None)
     monkeypatch.setattr(check_image, "_installed", lambda name: {"nunchaku": "1.0.2+torch9.9"}.get(name))
     python = f"cp{sys.version_info.major}{sys.version_info.minor}"
     name = f"nunchaku-1.0.2+torch9.9-{python}-{python}-linux_x86_64.whl"
     args = ["--torch", torch.__version__, "--wheel", name]
-    assert check_image.main(args) == 1
+    status.cache_clear()
+    try:
+        assert check_image.main(args) == 1
+    finally:
+        status.cache_clear()
     err = capsys.readouterr().err
-    assert "built for torch 9.9" in err and "import nunchaku / nunchaku._C fails" in err
+    assert "built for torch 9.9" in err and "nunchaku is not installed" in err
     assert "torch is" not in err  # torch itself is the one expected
 
 
@@ -95,3 +101,20 @@ def test_main_passes_a_consistent_image(monkeypatch, capsys):
     assert check_image.main(["--torch", torch.__version__, "--wheel", name]) == 0
     assert "consistent, extension imports" in capsys.readouterr().out
     assert check_image.main(["--torch", "0.0.1", "--wheel", name]) == 1
+
+
+def test_import_problems_are_the_backends_own_verdict(monkeypatch, tmp_path):
+    """A broken wheel fails the image check with the same words the library would log at run time."""
+    from qwen_edit.nunchaku_backend import status
+
+    package = tmp_path / "nunchaku"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise ImportError('undefined symbol: _ZN3c10')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "nunchaku", raising=False)
+    status.cache_clear()
+    try:
+        problems = check_image.import_problems()
+    finally:
+        status.cache_clear()
+    assert len(problems) == 1 and "undefined symbol" in problems[0] and "+torchX.Y" in problems[0]
