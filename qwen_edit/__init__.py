@@ -20,6 +20,7 @@ _EXPORTS = {
     "EditResult": "qwen_edit.pipeline",
     "GPUOutOfMemoryError": "qwen_edit.pipeline",
     "ParameterError": "qwen_edit.params",
+    "QwenEditError": "qwen_edit.errors",
     "read_lora": "qwen_edit.lora",
     "apply_loras": "qwen_edit.lora",
 }

@@ -19,13 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UnsupportedHardwareError
+
 NUNCHAKU_FP4_SMS = {(12, 0), (12, 1)}
 NUNCHAKU_INT4_SMS = {(8, 0), (8, 6), (8, 9)}
 FORCE_NUNCHAKU_ENV = "QWEN_EDIT_FORCE_NUNCHAKU"
-
-
-class UnsupportedHardwareError(RuntimeError):
-    """The requested backend/precision cannot run on this device; the message says what can."""
 
 
 @dataclass(frozen=True)

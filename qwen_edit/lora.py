@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from .errors import LoraError
 from .nunchaku_backend import MAX_RANK as NUNCHAKU_MAX_RANK
 from .svdq import layout
 from .svdq.checkpoint import AWQ_LAYERS, SVDQ_LAYERS
@@ -82,10 +83,6 @@ UNSUPPORTED = (
     (".lora_B.bias", "LoRA with bias deltas"),
     (".lora_up.bias", "LoRA with bias deltas"),
 )
-
-
-class LoraError(ValueError):
-    """A LoRA file can't be read or applied; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)

@@ -10,20 +10,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from .errors import ParameterError
 from .sampling import SAMPLER_NAMES, SCHEDULER_NAMES
 
 MAX_SEED = 2**64 - 1  # ComfyUI's KSampler seed range (0xffffffffffffffff)
 MAX_SIDE = 4096
 MAX_BATCH = 8
 MAX_IMAGES = 3  # TextEncodeQwenImageEditPlus has three image slots
-
-
-class ParameterError(ValueError):
-    """A bad parameter: `.field` names it, the message says what is allowed."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import ModelNotFoundError, UnsafeModelNameError
+
 # Our kind -> the extra_model_paths.yaml keys that feed it (ComfyUI's folder_paths names).
 KIND_KEYS = {
     "diffusion_models": ("diffusion_models", "unet", "checkpoints"),
@@ -22,14 +24,6 @@ KIND_KEYS = {
     "tokenizers": ("tokenizers",),
 }
 MODEL_SUFFIXES = (".safetensors", ".sft")
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """A model name that resolves to no file; the message lists where it looked and what is there."""
-
-
-class UnsafeModelNameError(ValueError):
-    """A model name that would leave the configured folders (absolute, `..`, or a symlink escape)."""
 
 
 @dataclass

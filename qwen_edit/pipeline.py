@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from . import conditioning, offload, prefetch
+from .errors import GPUOutOfMemoryError
 from .hardware import default_device
 from .lora import LoraReport, apply_loras
 from .model import comfy_forward
@@ -404,14 +405,6 @@ class QwenEditPipeline:
         )
         log.error("%s (%s)", message, exc)
         return GPUOutOfMemoryError(message, suggestion)
-
-
-class GPUOutOfMemoryError(RuntimeError):
-    """CUDA ran out of memory in an edit; `.suggestion` holds offload settings that should fit."""
-
-    def __init__(self, message: str, suggestion: dict):
-        super().__init__(message)
-        self.suggestion = suggestion
 
 
 class _PhaseClock:

@@ -42,6 +42,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from .errors import SamplingCancelled
+
 __all__ = [
     "LATENT_CHANNELS",
     "SAMPLER_NAMES",
@@ -99,15 +101,6 @@ NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``noise = noise_sampler(sigma, sigma_next)``: unit-variance noise shaped like the sampler state."""
 ModelFn = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
 """``x0 = model_fn(x, sigma, uncond)``: the conditional (uncond=False) or negative (True) x0 prediction."""
-
-
-class SamplingCancelled(Exception):
-    """Raised between sampler steps when the caller's ``cancel()`` check returns True."""
-
-    def __init__(self, step: int, total: int) -> None:
-        super().__init__(f"sampling cancelled before step {step} of {total}")
-        self.step = step
-        self.total = total
 
 
 def _check_name(kind: str, name: str, allowed: Sequence[str]) -> None:

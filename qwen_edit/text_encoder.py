@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .errors import TextEncoderFileError
 from .fp8 import FP8, fp8_linear, quantize_weight_per_channel
 from .hardware import describe_device
 
@@ -80,10 +81,6 @@ _ST_DTYPES = {
 }
 
 TensorSpec = tuple[str, tuple[int, ...]]  # (safetensors dtype string, shape), read from the header
-
-
-class TextEncoderFileError(ValueError):
-    """The file is not a (complete) Qwen2.5-VL-7B text encoder; the message says what is wrong."""
 
 
 @dataclass(frozen=True)

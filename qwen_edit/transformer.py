@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import nunchaku_backend
+from .errors import NunchakuUnavailableError
 from .hardware import DeviceInfo, UnsupportedHardwareError, describe_device, nunchaku_precision_error
 from .model import build_model, use_fused_fp8_mlp
 from .nunchaku_backend import NunchakuStatus, version_problem
@@ -40,10 +41,6 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "nunchaku", "portable")
 COMPUTES = ("auto", "bf16", "fp8")
 UNUSED_AT_RUNTIME = ("smooth_factor_orig",)  # nunchaku linear.py: kept in files, never read
-
-
-class NunchakuUnavailableError(ImportError):
-    """backend='nunchaku' was asked for, but Nunchaku is missing, broken or too old; says what to do."""
 
 
 @dataclass(frozen=True)

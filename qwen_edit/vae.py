@@ -35,6 +35,8 @@ from diffusers import AutoencoderKLQwenImage
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import VAEFormatError
+
 CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "qwen_image_vae.json"
 
 SPATIAL_FACTOR = 8  # 3 stride-2 stages: one latent pixel per 8x8 image pixels
@@ -65,10 +67,6 @@ _RESNET_PARTS = {
 }
 # Attention (norm/to_qkv/proj) and Resample (resample.1/time_conv) layers have the same names in both.
 _SAME_NAME_PARTS = {"norm", "to_qkv", "proj", "resample", "time_conv"}
-
-
-class VAEFormatError(ValueError):
-    """The weights are not (exactly) a Qwen-Image VAE."""
 
 
 # ----------------------------------------------------------------------------------------------- config

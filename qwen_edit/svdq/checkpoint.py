@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..errors import CheckpointError
+
 # Qwen-Image-Edit-2509's transformer config, for files that carry no `config` metadata.
 DEFAULT_CONFIG = {
     "_class_name": "QwenImageTransformer2DModel",
@@ -134,10 +136,6 @@ def check_tensors(found: dict[str, TensorSpec], expected: dict[str, TensorSpec])
 
 def few(names: list[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (f", ... (+{len(names) - n} more)" if len(names) > n else "")
-
-
-class CheckpointError(ValueError):
-    """The file is not a (complete) SVDQ Qwen-Image transformer; the message says what is wrong."""
 
 
 @dataclass
