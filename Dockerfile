@@ -60,7 +60,7 @@ RUN python runners/check_image.py --torch "${TORCH_VERSION}+${TORCH_CUDA}" \
         --torchvision "${TORCHVISION_VERSION}+${TORCH_CUDA}" --wheel "${NUNCHAKU_WHEEL}"
 
 # Check the image before it ships: the SDK's own test mode runs test_input.json on the CPU demo model.
-RUN QWEN_EDIT_DEMO=1 QWEN_EDIT_CACHE=/tmp/qwen-edit-selftest python runners/handler.py \
+RUN QWEN_EDIT_DEMO=1 QWEN_EDIT_CACHE=/tmp/qwen-edit-selftest python -m runners.worker \
     && rm -rf /tmp/qwen-edit-selftest
 
 # With compile: true, inductor's compiled kernels persist on the volume, so a cold worker reuses them
@@ -72,4 +72,4 @@ ENV QWEN_EDIT_CONFIG=/app/configs/runpod-serverless.yaml \
     HF_HUB_OFFLINE=1 \
     TORCHINDUCTOR_CACHE_DIR=/runpod-volume/qwen-edit/inductor-cache
 
-CMD ["python", "-u", "runners/handler.py"]
+CMD ["python", "-u", "-m", "runners.worker"]

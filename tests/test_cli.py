@@ -390,7 +390,7 @@ def test_a_failing_job_does_not_stop_the_others(tmp_path, monkeypatch):
 
     from qwen_edit.pipeline import EditResult, GPUOutOfMemoryError
     from runners.cli import Job, run_jobs
-    from runners.cli_output import Reporter
+    from runners.cli.output import Reporter
 
     class FakePipe:
         loras: list = []

@@ -311,7 +311,7 @@ def test_download_into_the_comfyui_layout_then_nothing_to_do(hub, tmp_path):
     # folder sits where the pipeline looks for it (beside the text encoder).
     from qwen_edit.pipeline import find_tokenizer
     from qwen_edit.settings import load_settings
-    from runners.locations import settings_layers
+    from runners.cli.locations import settings_layers
 
     kwargs = load_settings(settings_layers(None, models)).pipeline_kwargs()
     assert Path(kwargs["transformer"]) == (models / "diffusion_models" / T4).resolve()
@@ -408,7 +408,7 @@ def test_hub_errors_are_reported(hub, tmp_path):
 
 
 def test_precision_auto_follows_the_card(hub, tmp_path):
-    from runners.download import resolve_precision
+    from runners.cli.download import resolve_precision
 
     expected, _ = resolve_precision("auto")
     proc = run_cli(
@@ -436,7 +436,7 @@ def test_precision_auto_follows_the_card(hub, tmp_path):
 def test_each_hub_failure_gets_its_code_and_a_fix(kind, code):
     from huggingface_hub import errors
 
-    from runners.download import hub_error
+    from runners.cli.download import hub_error
 
     cls = getattr(errors, kind, None) or ConnectionError
     exc = cls.__new__(cls)  # skip __init__: its required arguments differ between hub versions

@@ -35,8 +35,8 @@ from test_worker_support import (
 
 from qwen_edit import conditioning
 from qwen_edit.pipeline import GPUOutOfMemoryError
-from runners.handler import Worker, WorkerConfig, make_handler
-from runners.schema import ERROR_CODES
+from runners.worker.handler import Worker, WorkerConfig, make_handler
+from runners.worker.schema import ERROR_CODES
 
 CHEAP = {"width": 32, "height": 32, "steps": 1}  # the "next valid job" after each bad one
 
@@ -277,7 +277,7 @@ def test_configuration_errors_are_reported_per_job(monkeypatch):
     worker = Worker(WorkerConfig(settings=str(TMP / "missing.yaml")))
     error = error_of(sdk_envelope(worker, valid_input()))
     assert error["code"] == "CONFIG_ERROR" and "missing.yaml" in error["message"]
-    import runners.handler as module
+    import runners.worker.handler as module
 
     monkeypatch.setattr(module, "_worker", None)
     monkeypatch.setenv("QWEN_EDIT_JOB_TIMEOUT", "soon")

@@ -11,9 +11,9 @@ import zlib
 import pytest
 from test_worker_support import LOOPBACK_ONLY, LoopbackHTTP, b64, encode, picture
 
-from runners import images
-from runners.images import ImageLimits, UrlPolicy
-from runners.schema import ERROR_CODES, WorkerError, parse_request
+from runners.worker import images
+from runners.worker.images import ImageLimits, UrlPolicy
+from runners.worker.schema import ERROR_CODES, WorkerError, parse_request
 
 LIMITS = ImageLimits(max_bytes=2_000_000, max_pixels=4_000_000, max_side=4096, url_timeout=5.0)
 

@@ -1,4 +1,4 @@
-"""The handler as RunPod runs it: `python runners/handler.py` in the SDK's own local test mode.
+"""The handler as RunPod runs it: `python -m runners.worker` in the SDK's own local test mode.
 
 Each test starts the worker process the way the container does (the handler as the entry point), on
 the demo model, with every network target on 127.0.0.1: moto's S3 server for the object-key input
@@ -39,7 +39,7 @@ def env():
 
 def run_worker(env: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "runners/handler.py", *args],
+        [sys.executable, "-m", "runners.worker", *args],
         cwd=REPO,
         env=env,
         capture_output=True,

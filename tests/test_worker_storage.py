@@ -19,8 +19,9 @@ from test_worker_support import (
     worker_with,
 )
 
-from qwen_edit import conditioning, storage
-from qwen_edit.storage import StorageConfig, StorageConfigError
+from qwen_edit import conditioning
+from runners.worker import storage
+from runners.worker.storage import StorageConfig, StorageConfigError
 
 BUCKET = "volume-1"
 
@@ -180,7 +181,7 @@ def test_object_key_inputs_are_downloaded(s3):
 
 
 def test_object_keys_are_capped_in_size_and_prefix(s3):
-    from runners.images import ImageLimits
+    from runners.worker.images import ImageLimits
 
     endpoint, client = s3
     client.put_object(Bucket=BUCKET, Key="inputs/large.png", Body=encode(picture(200, 200)))

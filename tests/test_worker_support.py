@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from runners.handler import Worker, WorkerConfig, make_handler
-from runners.images import UrlPolicy
+from runners.worker.handler import Worker, WorkerConfig, make_handler
+from runners.worker.images import UrlPolicy
 
 REPO = Path(__file__).resolve().parents[1]
 TMP = Path(tempfile.mkdtemp(prefix="qwen-edit-worker-tests-"))

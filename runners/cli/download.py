@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from http.client import HTTPException
 from pathlib import Path
 
-from .cli_output import EXIT_NETWORK, EXIT_RUNTIME, EXIT_USAGE, CliError
+from .output import EXIT_NETWORK, EXIT_RUNTIME, EXIT_USAGE, CliError
 
 REPO_TRANSFORMER = "nunchaku-tech/nunchaku-qwen-image-edit-2509"
 REPO_COMFY = "Comfy-Org/Qwen-Image_ComfyUI"
@@ -269,7 +269,7 @@ def check_disk(files: list[RemoteFile], models_dir: Path) -> int:
     needed = sum((f.size or 0) - f.local_bytes for f in files if f.status != "present")
     free = free_bytes(models_dir)
     if needed > free:
-        from .cli_output import human_bytes
+        from .output import human_bytes
 
         raise CliError(
             "insufficient_disk",

@@ -4,8 +4,8 @@ A thin runner over the library: argparse, the model folders, progress and output
 - Edit flags follow mflux's `mflux-generate-qwen-edit` (images, --prompt or --prompt-file,
   --negative-prompt, --seed taking several values, one image per seed, --steps, --width/--height,
   --lora) and ComfyUI's KSampler names (--sampler, --scheduler, --cfg, --denoise, --shift).
-- `--json` follows comfy-cli's NDJSON contract (runners/cli_output.py): events on stdout, one final
-  envelope line, human text on stderr; the exit codes are documented in cli_output.EXIT_CODES and
+- `--json` follows comfy-cli's NDJSON contract (runners/cli/output.py): events on stdout, one final
+  envelope line, human text on stderr; the exit codes are documented in output.EXIT_CODES and
   the README ("Command line").
 - Everything that can be checked before loading the 20 GB of models is checked first: parameter
   values, input images, the batch file, the output template, the model files.
@@ -24,7 +24,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cli_output import (
+from .output import (
     EXIT_CANCELLED,
     EXIT_CODES,
     EXIT_INTERNAL,
@@ -466,7 +466,7 @@ def run_one(pipe, job: Job, n_jobs: int, reporter: Reporter):
 
 
 def classify(exc: BaseException) -> CliError:
-    """A library exception as a CliError with its exit code (cli_output.EXIT_CODES)."""
+    """A library exception as a CliError with its exit code (output.EXIT_CODES)."""
     if isinstance(exc, CliError):
         return exc  # before the imports below: they bring in torch, seconds for a usage error
     from qwen_edit.hardware import UnsupportedHardwareError
@@ -1007,7 +1007,7 @@ def _configure_logging(verbose: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":  # its own argparse (runners/bench.py)
-        from . import bench
+        from .. import bench
 
         return bench.main(argv[1:])
     parser = build_parser()

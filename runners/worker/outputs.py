@@ -10,9 +10,8 @@ from __future__ import annotations
 import base64
 from collections.abc import Mapping
 
-from qwen_edit import storage
-
 from . import images as inputs
+from . import storage
 from .schema import WorkerError
 
 RESPONSE_WARN_BYTES = 15 * 2**20  # RunPod keeps /runsync results up to 20 MB (handler-functions.mdx)

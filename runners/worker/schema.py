@@ -20,7 +20,8 @@ from qwen_edit.offload import CPU_OFFLOAD_MODES
 from qwen_edit.params import MAX_IMAGES, EditParams, ParameterError
 from qwen_edit.paths import UnsafeModelNameError, check_model_name
 from qwen_edit.sampling import SAMPLER_NAMES, SCHEDULER_NAMES
-from qwen_edit.storage import StorageConfigError, check_object_key
+
+from .storage import StorageConfigError, check_object_key
 
 # Stable error codes: clients branch on these, so they never change meaning.
 ERROR_CODES = {

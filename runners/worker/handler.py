@@ -1,16 +1,16 @@
 """RunPod serverless worker: the seed deployment's ComfyUI handler, done with the library.
 
-    python -u runners/handler.py                                # on RunPod (the Dockerfile's CMD)
-    QWEN_EDIT_DEMO=1 python runners/handler.py --test_input '{"input": {...}}'   # the SDK's local test
-    QWEN_EDIT_DEMO=1 python runners/handler.py --rp_serve_api --rp_api_host 127.0.0.1
+    python -u -m runners.worker                                # on RunPod (the Dockerfile's CMD)
+    QWEN_EDIT_DEMO=1 python -m runners.worker --test_input '{"input": {...}}'   # the SDK's local test
+    QWEN_EDIT_DEMO=1 python -m runners.worker --rp_serve_api --rp_api_host 127.0.0.1
 
-What happens per job: the input is checked (runners.schema), images are fetched and decoded
-(runners.images), the pipeline is switched only where the request's model names differ from the
+What happens per job: the input is checked (runners.worker.schema), images are fetched and decoded
+(runners.worker.images), the pipeline is switched only where the request's model names differ from the
 loaded ones, LoRAs and offload settings are applied without reloading, and the edit runs with
 per-step progress and a deadline polled between steps. Outputs go to S3-compatible storage
-(qwen_edit.storage) and/or come back as base64; a failed upload still returns base64.
+(runners.worker.storage) and/or come back as base64; a failed upload still returns base64.
 
-Errors are dicts with a stable code (runners.schema.ERROR_CODES). The SDK needs `error` to be a
+Errors are dicts with a stable code (runners.worker.schema.ERROR_CODES). The SDK needs `error` to be a
 string (a dict marks the job COMPLETED without output on the platform, runpod-python #299, and makes
 the SDK's local API server answer 500), so the handler sends the structured error as JSON text:
 `json.loads(response["error"])` gives `{"code", "message", "field", "fix", "retryable", ...}`.
@@ -37,27 +37,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-# Run as a script (RunPod's CMD, the SDK's test mode), `runners` must still be importable.
-if not __package__:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
+from qwen_edit.hardware import UnsupportedHardwareError
+from qwen_edit.lora import LoraError
+from qwen_edit.params import ParameterError
+from qwen_edit.paths import ModelNotFoundError, UnsafeModelNameError
+from qwen_edit.pipeline import GPUOutOfMemoryError, QwenEditPipeline
+from qwen_edit.sampling import SamplingCancelled
+from qwen_edit.settings import Settings, load_settings
 
-from qwen_edit import storage  # noqa: E402
-from qwen_edit.hardware import UnsupportedHardwareError  # noqa: E402
-from qwen_edit.lora import LoraError  # noqa: E402
-from qwen_edit.params import ParameterError  # noqa: E402
-from qwen_edit.paths import ModelNotFoundError, UnsafeModelNameError  # noqa: E402
-from qwen_edit.pipeline import GPUOutOfMemoryError, QwenEditPipeline  # noqa: E402
-from qwen_edit.sampling import SamplingCancelled  # noqa: E402
-from qwen_edit.settings import Settings, load_settings  # noqa: E402
-from runners import images as inputs  # noqa: E402
-from runners import outputs  # noqa: E402
-from runners.schema import JobRequest, WorkerError, parse_request  # noqa: E402
+from . import images as inputs
+from . import outputs, storage
+from .schema import JobRequest, WorkerError, parse_request
 
 log = logging.getLogger("qwen_edit.worker")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SETTINGS = REPO / "configs" / "runpod-serverless.yaml"
 DEFAULT_INPUT_DIRS = "/runpod-volume/ComfyUI/input:/runpod-volume/input"
 REFRESH_CODES = {"CUDA_OOM", "CUDA_ERROR", "CUDA_UNAVAILABLE"}
@@ -649,7 +645,3 @@ def main() -> None:
     import runpod  # here only: importing runpod reconfigures logging (shared/docs/runpod.md 0.6)
 
     runpod.serverless.start({"handler": handler})
-
-
-if __name__ == "__main__":
-    main()

@@ -10,7 +10,7 @@ pixel was decoded:
   connection is made to the checked address (no second DNS lookup that a rebinding server could
   answer differently); redirects are followed by hand and each hop is checked again; a size cap and a
   wall-clock limit bound the download;
-- object keys: qwen_edit.storage, from the configured bucket, with the same size cap.
+- object keys: runners.worker.storage, from the configured bucket, with the same size cap.
 Decoding: only PNG, JPEG and WebP decoders are tried; width, height and pixel count are checked from
 the header, so a decompression bomb is refused without inflating it; a truncated file is an error, not
 a half-grey picture.
@@ -35,9 +35,9 @@ from urllib.parse import urljoin, urlsplit
 
 from PIL import Image
 
-from qwen_edit import storage
 from qwen_edit.paths import UnsafeModelNameError, check_model_name, confine
 
+from . import storage
 from .schema import ImageSource, WorkerError
 
 FORMATS = ("PNG", "JPEG", "WEBP")
@@ -141,7 +141,7 @@ def load_source(
 
 
 def read_object(key: str, field: str, store: storage.StorageConfig, max_bytes: int) -> bytes:
-    """An object from the configured bucket (qwen_edit.storage), under the size cap."""
+    """An object from the configured bucket (runners.worker.storage), under the size cap."""
     if not store.configured:
         raise WorkerError(
             "STORAGE_NOT_CONFIGURED",

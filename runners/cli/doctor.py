@@ -20,8 +20,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .cli_output import EXIT_MODEL, EXIT_OK, EXIT_RUNTIME, human_bytes
 from .locations import RUNPOD_ROOTS, settings_layers
+from .output import EXIT_MODEL, EXIT_OK, EXIT_RUNTIME, human_bytes
 
 NUNCHAKU_RELEASES = "https://github.com/nunchaku-tech/nunchaku/releases"
 TORCH_CUDA_INDEX = "https://download.pytorch.org/whl/cu128"
