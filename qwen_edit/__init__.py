@@ -22,6 +22,9 @@ _EXPORTS = {
     "ParameterError": "qwen_edit.params",
     "QwenEditError": "qwen_edit.errors",
     "read_lora": "qwen_edit.lora",
+    "load_settings": "qwen_edit.settings",
+    "resolve_spec": "qwen_edit.settings",
+    "PipelineSpec": "qwen_edit.settings",
     "apply_loras": "qwen_edit.lora",
 }
 

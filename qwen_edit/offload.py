@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import fp8
+from .errors import ParameterError
 from .svdq.checkpoint import group_by_layer, read_checkpoint
 from .svdq.layers import DequantizedLinear, awq_dense, svdq_dense
 
@@ -355,10 +356,10 @@ def plan_offload(
     "auto" also pins host memory for streamed blocks when the streamed bytes take less than half of
     `host_available` RAM: pinned copies ran 7x faster and hid behind compute (benchmarks/RESULTS.md).
     """
-    if cpu_offload not in CPU_OFFLOAD_MODES:
-        raise ValueError(f"cpu_offload must be one of {CPU_OFFLOAD_MODES}, got {cpu_offload!r}")
+    if cpu_offload not in CPU_OFFLOAD_MODES:  # ParameterError (a ValueError): runners name the field
+        raise ParameterError("cpu_offload", f"must be one of {CPU_OFFLOAD_MODES}, got {cpu_offload!r}")
     if not 0 <= num_blocks_on_gpu <= num_blocks:
-        raise ValueError(f"num_blocks_on_gpu must be in [0, {num_blocks}], got {num_blocks_on_gpu}")
+        raise ParameterError("num_blocks_on_gpu", f"must be in [0, {num_blocks}], got {num_blocks_on_gpu}")
 
     def plan(blocks: int, encoders_on_cpu: bool, reason: str) -> OffloadPlan:
         return OffloadPlan(blocks, num_blocks, use_pin_memory, encoders_on_cpu, reason)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ModelNotFoundError, UnsafeModelNameError
+from .errors import ModelNotFoundError, SettingsError, UnsafeModelNameError
 
 # Our kind -> the extra_model_paths.yaml keys that feed it (ComfyUI's folder_paths names).
 KIND_KEYS = {
@@ -38,7 +38,7 @@ class ModelFolders:
         result = cls()
         for section_name, section in sections.items():
             if not isinstance(section, Mapping):
-                raise ValueError(f"model paths section {section_name!r} must be a mapping of kind: folder")
+                raise SettingsError(f"model_paths.{section_name}", "must be a mapping of kind: folder")
             base = Path(str(section.get("base_path", "."))).expanduser()
             if not base.is_absolute() and base_dir is not None:
                 base = base_dir / base
@@ -58,23 +58,28 @@ class ModelFolders:
         """ComfyUI's default `models/` layout under one folder."""
         return cls.from_extra_model_paths({"default": comfy_layout(base)})
 
-    def resolve(self, kind: str, name: str | Path) -> Path:
-        """The file `name` of `kind`, searched in order; raises with what was searched and found."""
+    def resolve(self, kind: str, name: str | Path, field: str | None = None) -> Path:
+        """The file `name` of `kind`, searched in order; raises with what was searched and found.
+
+        `field` names the setting or request field the name came from, in the error (default: `kind`).
+        """
         if kind not in self.folders:
             raise ValueError(f"unknown model kind {kind!r}; one of {sorted(self.folders)}")
         name = str(name)
-        check_model_name(name, kind)
+        field = field or kind
+        check_model_name(name, field)
         searched = []
         for folder in self.folders[kind]:
             candidate = folder / name
             searched.append(str(folder))
             if candidate.exists():
-                return confine(candidate, folder, kind)
+                return confine(candidate, folder, field)
         available = sorted({p.name for f in self.folders[kind] if f.is_dir() for p in f.iterdir()})[:20]
         raise ModelNotFoundError(
             f"{kind} model {name!r} not found in {searched or 'no configured folder'}"
             + (f"; available: {available}" if available else "")
-            + ". Check the name, or run `qwen-edit download` to fetch the models."
+            + ". Check the name, or run `qwen-edit download` to fetch the models.",
+            field=field,
         )
 
 
@@ -94,16 +99,16 @@ def check_model_name(name: str, field_name: str) -> None:
     """Refuse names that could leave a folder, before touching the file system."""
     path = Path(name)
     if not name or name.strip() != name:
-        raise UnsafeModelNameError(f"{field_name}: empty or padded name {name!r}")
+        raise UnsafeModelNameError(f"empty or padded name {name!r}", field=field_name)
     if path.is_absolute() or name.startswith(("~", "\\")) or ":" in name:
-        raise UnsafeModelNameError(f"{field_name}: {name!r} must be a name relative to the model folder")
+        raise UnsafeModelNameError(f"{name!r} must be a name relative to the model folder", field=field_name)
     if ".." in path.parts or "\x00" in name:
-        raise UnsafeModelNameError(f"{field_name}: {name!r} may not contain '..'")
+        raise UnsafeModelNameError(f"{name!r} may not contain '..'", field=field_name)
 
 
 def confine(path: Path, folder: Path, field_name: str) -> Path:
     """`path` with symlinks resolved, provided it is still inside `folder`."""
     real, root = path.resolve(), folder.resolve()
     if real != root and root not in real.parents:
-        raise UnsafeModelNameError(f"{field_name}: {path} leads outside {folder} (a symlink?)")
+        raise UnsafeModelNameError(f"{path} leads outside {folder} (a symlink?)", field=field_name)
     return real

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -29,6 +30,7 @@ from .model import comfy_forward
 from .offload import OffloadPlan
 from .params import MAX_IMAGES, EditParams, ParameterError
 from .sampling import SamplingCancelled, needs_uncond, sample, x0_from_flow
+from .settings import LoraSpec, ModelFiles, PipelineSpec, demo_settings, load_settings, resolve_spec
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,8 @@ class EditResult:
 class QwenEditPipeline:
     """Transformer + text encoder + tokenizer + VAE, and `edit()`.
 
-    Build it with `from_files`, `from_config` or `demo`. Memory: `set_offload` (or the same three
+    Build it with `from_files`, `from_spec` (a `settings.PipelineSpec`), `from_config` or `demo`;
+    `info()` says what was loaded and how. Memory: `set_offload` (or the same three
     arguments of `from_files`) streams transformer blocks from CPU memory and keeps the text encoder and
     VAE off the GPU between their stages when the card needs it; `offload_plan` says what was chosen.
     """
@@ -85,7 +88,11 @@ class QwenEditPipeline:
         self.device = torch.device(device) if device is not None else default_device()
         self.encoders_on_cpu = encoders_on_cpu
         self.offload_plan: OffloadPlan | None = None
-        self.loras: list[tuple[str, float]] = []
+        self.loras: list[tuple[str, float]] = []  # (path, strength) as applied
+        self.lora_report = LoraReport()  # what the LoRAs applied now reached, and what they could not
+        self._lora_names: list[str] = []  # how results name them (as the caller named them)
+        self.files: ModelFiles | None = None  # set by from_files
+        self.spec: PipelineSpec | None = None  # set by from_spec
         self.load_seconds: dict[str, float] = {}  # per phase, set by from_files
         # The workflow's image budgets: references at ~1024x1024, the default output at 1 megapixel.
         # Only the demo changes them (a CPU can't run a tiny model at 1 MP "in seconds").
@@ -105,7 +112,7 @@ class QwenEditPipeline:
         text_encoder: str | Path,
         vae: str | Path,
         tokenizer: str | Path | None = None,
-        loras: Sequence[tuple[str | Path, float]] = (),
+        loras: Sequence[tuple[str | Path, float] | LoraSpec] = (),
         device: torch.device | str | None = None,
         backend: str = "auto",
         compute: str = "auto",
@@ -164,6 +171,7 @@ class QwenEditPipeline:
         autoencoder = load_vae(vae, device=staging)
         clock.done("vae")
         pipe = cls(model, encoder, tokens, autoencoder, device=device, encoders_on_cpu=plan.encoders_on_cpu)
+        pipe.files = ModelFiles(Path(transformer), Path(text_encoder), Path(vae), Path(tokenizer_path))
         pipe.load_seconds = clock.seconds
         if compile:  # not the VAE: compiled with dynamic shapes it ran slower (benchmarks/RESULTS.md)
             from .text_encoder import compile_text_encoder
@@ -172,20 +180,34 @@ class QwenEditPipeline:
         pipe.offload_plan = plan
         if loras:
             pipe.set_loras(loras)
+            clock.done("loras")
         return pipe
 
     @classmethod
-    def from_config(cls, config: str | Path | Mapping, **overrides) -> QwenEditPipeline:
+    def from_spec(cls, spec: PipelineSpec) -> QwenEditPipeline:
+        """Build from a resolved `settings.PipelineSpec` (`settings.resolve_spec`, `settings.demo_settings`):
+        what the CLI, the worker and `from_config` load through."""
+        pipe = cls.from_files(**spec.from_files_kwargs())
+        if spec.demo:  # a CPU can't run even the tiny model at 1 megapixel "in seconds"
+            from .demo import DEMO_OUTPUT_MEGAPIXELS, DEMO_REFERENCE_AREA
+
+            pipe.reference_area, pipe.output_megapixels = DEMO_REFERENCE_AREA, DEMO_OUTPUT_MEGAPIXELS
+        pipe.spec = spec
+        return pipe
+
+    @classmethod
+    def from_config(cls, config: str | Path | Mapping | list, **overrides: Any) -> QwenEditPipeline:
         """Build from a YAML file or dict: model folders (ComfyUI's extra_model_paths.yaml keys) and names.
 
         See `configs/` for examples; `settings.load_settings` documents the keys. `overrides` replace
-        keyword arguments of `from_files` (device, backend, compute, cpu_offload, loras, ...).
+        keyword arguments of `from_files` (device, backend, compute, cpu_offload, loras, ...); a model
+        override is a file path or a name in the model folders.
         """
-        from .settings import load_settings
-
-        settings = load_settings(config)
-        kwargs = {**settings.pipeline_kwargs(), **overrides}
-        return cls.from_files(**kwargs)
+        text_encoder_config = overrides.pop("text_encoder_config", None)
+        spec = resolve_spec(load_settings(config), allow_paths=True, **overrides)
+        if text_encoder_config is not None:
+            spec = spec.replace(text_encoder_config=text_encoder_config)
+        return cls.from_spec(spec)
 
     @classmethod
     def demo(
@@ -199,20 +221,26 @@ class QwenEditPipeline:
 
         Runs the whole path on a CPU in seconds; the images are noise, the code path is the real one.
         """
-        from .demo import DEMO_OUTPUT_MEGAPIXELS, DEMO_REFERENCE_AREA, demo_files
-
-        files = demo_files(cache_dir)
-        pipe = cls.from_files(**files, device=device, backend="portable", compute=compute, compile=compile)
-        pipe.reference_area, pipe.output_megapixels = DEMO_REFERENCE_AREA, DEMO_OUTPUT_MEGAPIXELS
-        return pipe
+        spec = resolve_spec(demo_settings(cache_dir), device=device, compute=compute, compile=compile)
+        return cls.from_spec(spec)
 
     # -- LoRAs -----------------------------------------------------------------------------------
 
-    def set_loras(self, loras: Sequence[tuple[str | Path, float]]) -> LoraReport:
-        """Use exactly these LoRAs [(path, strength), ...] from now on; [] removes all. No reload."""
-        loras = [(str(p), float(s)) for p, s in loras]
-        report = apply_loras(self.transformer, loras)
-        self.loras = loras
+    def set_loras(self, loras: Sequence[tuple[str | Path, float] | LoraSpec]) -> LoraReport:
+        """Use exactly these LoRAs [(path, strength), ...] from now on; [] removes all. No reload.
+
+        A `settings.LoraSpec` also carries the name results report for it (its `name`, as the caller
+        named it); a plain path is reported as given.
+        """
+        specs = [
+            item if isinstance(item, LoraSpec) else LoraSpec(Path(item[0]), float(item[1]), str(item[0]))
+            for item in loras
+        ]
+        applied = [(str(spec.path), float(spec.strength)) for spec in specs]
+        report = apply_loras(self.transformer, applied)  # a refused set leaves the model as it was
+        self.loras = applied
+        self._lora_names = [spec.name for spec in specs]
+        self.lora_report = report
         log.info("LoRAs set in %.3fs: %s", report.seconds, report.applied)
         return report
 
@@ -240,6 +268,49 @@ class QwenEditPipeline:
         self.offload_plan = plan
         log.info("offload: %s", plan.reason)
         return plan
+
+    # -- what runners show ------------------------------------------------------------------------
+
+    def info(self) -> dict:
+        """What is loaded and how, as JSON-ready values: device; backend, compute, precision, rank and why
+        (the transformer's choice); the files; the offload plan and why; the LoRAs (as results name them,
+        with the layers each reached and the modules it could not); seconds per loading phase and total."""
+        out: dict[str, Any] = {"device": str(self.device)}
+        chosen = getattr(self.transformer, "qwen_edit_info", None)  # absent on a hand-built transformer
+        if chosen is not None:
+            out.update(
+                backend=chosen.backend,
+                compute=chosen.compute,
+                precision=chosen.precision,
+                rank=chosen.rank,
+                reason=chosen.reason,
+            )
+        files = self.files._asdict() if self.files is not None else {}
+        out["files"] = {slot: None if path is None else str(path) for slot, path in files.items()}
+        plan = self.offload_plan
+        out["offload"] = plan.reason if plan is not None else None
+        out["offload_plan"] = (
+            None
+            if plan is None
+            else {
+                "blocks_on_gpu": plan.blocks_on_gpu,
+                "num_blocks": plan.num_blocks,
+                "encoders_on_cpu": plan.encoders_on_cpu,
+                "use_pin_memory": plan.use_pin_memory,
+            }
+        )
+        report = self.lora_report
+        out["loras"] = [
+            {
+                "name": name,
+                "strength": strength,
+                "layers": report.applied.get(Path(path).resolve().stem, 0),
+                "unmatched": list(report.unmatched.get(Path(path).resolve().stem, [])),
+            }
+            for name, (path, strength) in zip(self._lora_names, self.loras, strict=True)
+        ]
+        out["load_seconds"] = {**self.load_seconds, "total": round(sum(self.load_seconds.values()), 3)}
+        return out
 
     def _budget(self) -> int | None:
         """GPU bytes for models and activations: what is free plus what this pipeline holds now."""
@@ -359,7 +430,8 @@ class QwenEditPipeline:
             pixels = decode_latents(self.vae, samples)
         images_out = [Image.fromarray(a) for a in conditioning.to_uint8(pixels)]
         timings["total"] = time.perf_counter() - start
-        parameters = {**params.to_dict(), "loras": self.loras, "size": list(images_out[0].size)}
+        loras = [(name, strength) for name, (_, strength) in zip(self._lora_names, self.loras, strict=True)]
+        parameters = {**params.to_dict(), "loras": loras, "size": list(images_out[0].size)}
         return EditResult(images_out, params.seed, parameters, timings)
 
     def _encode(self, prompt: str, pictures: list[Image.Image]) -> torch.Tensor:

@@ -122,9 +122,9 @@ def test_explicit_settings_and_errors():
                         **FULL).reason == "not a CUDA device: nothing to offload"  # fmt: skip
     with pytest.raises(MemoryError, match="every transformer block streamed"):
         plan_offload(cpu_offload="auto", num_blocks_on_gpu=1, use_pin_memory=False, budget=4 * GIB, **FULL)
-    with pytest.raises(ValueError, match="cpu_offload must be one of"):
+    with pytest.raises(ValueError, match="cpu_offload: must be one of"):
         plan_offload(cpu_offload="yes", num_blocks_on_gpu=1, use_pin_memory=False, budget=None, **FULL)
-    with pytest.raises(ValueError, match=r"num_blocks_on_gpu must be in \[0, 60\]"):
+    with pytest.raises(ValueError, match=r"num_blocks_on_gpu: must be in \[0, 60\]"):
         plan_offload(cpu_offload="enable", num_blocks_on_gpu=61, use_pin_memory=False, budget=None, **FULL)
 
 
