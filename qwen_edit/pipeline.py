@@ -89,8 +89,8 @@ class QwenEditPipeline:
         self.encoders_on_cpu = encoders_on_cpu
         self.offload_plan: OffloadPlan | None = None
         self.loras: list[tuple[str, float]] = []  # (path, strength) as applied
+        self.lora_specs: tuple[LoraSpec, ...] = ()  # the same, with the names results give them
         self.lora_report = LoraReport()  # what the LoRAs applied now reached, and what they could not
-        self._lora_names: list[str] = []  # how results name them (as the caller named them)
         self.files: ModelFiles | None = None  # set by from_files
         self.spec: PipelineSpec | None = None  # set by from_spec
         self.load_seconds: dict[str, float] = {}  # per phase, set by from_files
@@ -232,15 +232,13 @@ class QwenEditPipeline:
         A `settings.LoraSpec` also carries the name results report for it (its `name`, as the caller
         named it); a plain path is reported as given.
         """
-        specs = [
+        specs = tuple(
             item if isinstance(item, LoraSpec) else LoraSpec(Path(item[0]), float(item[1]), str(item[0]))
             for item in loras
-        ]
+        )
         applied = [(str(spec.path), float(spec.strength)) for spec in specs]
         report = apply_loras(self.transformer, applied)  # a refused set leaves the model as it was
-        self.loras = applied
-        self._lora_names = [spec.name for spec in specs]
-        self.lora_report = report
+        self.loras, self.lora_specs, self.lora_report = applied, specs, report
         log.info("LoRAs set in %.3fs: %s", report.seconds, report.applied)
         return report
 
@@ -302,12 +300,12 @@ class QwenEditPipeline:
         report = self.lora_report
         out["loras"] = [
             {
-                "name": name,
-                "strength": strength,
-                "layers": report.applied.get(Path(path).resolve().stem, 0),
-                "unmatched": list(report.unmatched.get(Path(path).resolve().stem, [])),
+                "name": spec.name,
+                "strength": spec.strength,
+                "layers": report.applied.get(spec.path.resolve().stem, 0),  # the report names files by stem
+                "unmatched": list(report.unmatched.get(spec.path.resolve().stem, [])),
             }
-            for name, (path, strength) in zip(self._lora_names, self.loras, strict=True)
+            for spec in self.lora_specs
         ]
         out["load_seconds"] = {**self.load_seconds, "total": round(sum(self.load_seconds.values()), 3)}
         return out
@@ -430,7 +428,7 @@ class QwenEditPipeline:
             pixels = decode_latents(self.vae, samples)
         images_out = [Image.fromarray(a) for a in conditioning.to_uint8(pixels)]
         timings["total"] = time.perf_counter() - start
-        loras = [(name, strength) for name, (_, strength) in zip(self._lora_names, self.loras, strict=True)]
+        loras = [(spec.name, spec.strength) for spec in self.lora_specs]
         parameters = {**params.to_dict(), "loras": loras, "size": list(images_out[0].size)}
         return EditResult(images_out, params.seed, parameters, timings)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import threading
 import time
@@ -137,10 +138,13 @@ def test_offload_fields_are_applied_without_reloading(client, worker):
     assert "nothing to offload" in out["model"]["offload"]
 
 
-def write_lora(path, seed: int = 0) -> None:
-    """A PEFT-format LoRA for two layers of the demo transformer (width 128, 64 latent channels)."""
+def write_lora(path, seed: int = 0, stray: bool = False) -> None:
+    """A PEFT-format LoRA for two layers of the demo transformer (width 128, 64 latent channels); with
+    `stray`, also a layer the model doesn't have (applied with a warning)."""
     gen = torch.Generator().manual_seed(seed)
     shapes = {"transformer_blocks.0.attn.to_q": (128, 128), "proj_out": (64, 128)}
+    if stray:
+        shapes["transformer_blocks.99.attn.to_q"] = (128, 128)
     tensors = {}
     for name, (n, k) in shapes.items():
         tensors[f"{name}.lora_A.weight"] = torch.randn(4, k, generator=gen).bfloat16()
@@ -165,13 +169,41 @@ def test_loras_by_name_with_strength_then_removed(client, worker):
     assert again["parameters"]["loras"] == [] and again["images"][0]["base64"] == base["images"][0]["base64"]
 
 
-@pytest.mark.slow
-def test_a_request_naming_other_model_files_reloads_and_switches_back(client, worker):
+def test_loras_are_reported_as_the_request_named_them(client):
+    """A response (and its PNGs) names LoRA files as the client did, never by the server's paths."""
+    write_lora(DEMO_CACHE / "loras" / "style.safetensors")
+    out = runsync(client, valid_input(lora_name=[{"name": "style.safetensors", "strength": 0.8}]))["output"]
+    assert out["parameters"]["loras"] == [["style.safetensors", 0.8]]
+    embedded = conditioning.read_png_parameters(base64.b64decode(out["images"][0]["base64"]))
+    assert embedded["loras"] == [["style.safetensors", 0.8]]
+    text = json.dumps({k: v for k, v in out.items() if k != "images"}) + json.dumps(embedded)
+    assert str(DEMO_CACHE) not in text and str(DEMO_CACHE.resolve()) not in text
+
+
+def _other_vae() -> str:
     copy = DEMO_CACHE / "other-vae.safetensors"
     if not copy.exists():
         copy.write_bytes(next(DEMO_CACHE.glob("qwen_image_vae*.safetensors")).read_bytes())
+    return copy.name
+
+
+@pytest.mark.slow
+def test_after_a_model_switch_a_job_reports_no_lora_warning_of_the_job_before(client, worker):
+    write_lora(DEMO_CACHE / "loras" / "stray.safetensors", stray=True)
+    first = runsync(client, valid_input(lora_name="stray.safetensors"))["output"]
+    assert [w for w in first["warnings"] if w.startswith("LoRA stray: 1 keys match no module")]
+    switched = runsync(client, valid_input(vae_name=_other_vae()))["output"]  # other models, no LoRA
+    assert worker.loaded[2].name == "other-vae.safetensors"
+    assert "warnings" not in switched and switched["parameters"]["loras"] == []
+    again = runsync(client, valid_input(vae_name=_other_vae(), lora_name="stray.safetensors"))["output"]
+    assert len(again["warnings"]) == 1  # the LoRA's own warning, on the pipeline it applies to
+    assert "warnings" not in runsync(client, valid_input())["output"]  # back to the default models
+
+
+@pytest.mark.slow
+def test_a_request_naming_other_model_files_reloads_and_switches_back(client, worker):
     before = worker.loaded
-    out = runsync(client, valid_input(vae_name="other-vae.safetensors"))["output"]
+    out = runsync(client, valid_input(vae_name=_other_vae()))["output"]
     assert worker.loaded[2].name == "other-vae.safetensors" and out["timings"]["load_models"] > 0.1
     same = runsync(client, valid_input(vae_name="other-vae.safetensors"))["output"]
     assert same["timings"]["load_models"] < 0.1  # no second load for the same names

@@ -10,20 +10,22 @@ loaded ones, LoRAs and offload settings are applied without reloading, and the e
 per-step progress and a deadline polled between steps. Outputs go to S3-compatible storage
 (runners.worker.storage) and/or come back as base64; a failed upload still returns base64.
 
-Errors are dicts with a stable code (runners.worker.schema.ERROR_CODES). The SDK needs `error` to be a
+Errors are dicts with a stable code (runners.worker.schema.ERROR_CODES); what the library raises is
+mapped by its kind, with one table (KIND_ERRORS). The SDK needs `error` to be a
 string (a dict marks the job COMPLETED without output on the platform, runpod-python #299, and makes
 the SDK's local API server answer 500), so the handler sends the structured error as JSON text:
 `json.loads(response["error"])` gives `{"code", "message", "field", "fix", "retryable", ...}`.
 Fatal CUDA errors and OOM also set `refresh_worker`, so the platform replaces the worker.
 
 The handler is async and runs the pipeline in a thread: the event loop stays free, and when the
-platform cancels a job the thread is told to stop at the next step (shared/docs/runpod.md 0.5).
+platform cancels a job the thread is told to stop at the next step. (runpod-python 1.12.0, @07fc6e2:
+a sync handler blocks the worker's event loop, rp_job.py:257, so the per-job stop, which cancels the
+job's asyncio task in rp_scale.py:321-339, could never interrupt it.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import json
 import logging
@@ -39,13 +41,9 @@ from pathlib import Path
 
 import torch
 
-from qwen_edit.hardware import UnsupportedHardwareError
-from qwen_edit.lora import LoraError
-from qwen_edit.params import ParameterError
-from qwen_edit.paths import ModelNotFoundError, UnsafeModelNameError
-from qwen_edit.pipeline import GPUOutOfMemoryError, QwenEditPipeline
-from qwen_edit.sampling import SamplingCancelled
-from qwen_edit.settings import Settings, load_settings
+from qwen_edit.errors import QwenEditError, SamplingCancelled, kind_of
+from qwen_edit.pipeline import QwenEditPipeline
+from qwen_edit.settings import PipelineSpec, Settings, demo_settings, load_settings, resolve_spec
 
 from . import images as inputs
 from . import outputs, storage
@@ -57,10 +55,30 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SETTINGS = REPO / "configs" / "runpod-serverless.yaml"
 DEFAULT_INPUT_DIRS = "/runpod-volume/ComfyUI/input:/runpod-volume/input"
 REFRESH_CODES = {"CUDA_OOM", "CUDA_ERROR", "CUDA_UNAVAILABLE"}
-# Messages of CUDA errors after which the context is unusable (the process must go).
-CUDA_FATAL = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "device-side assert",
-              "illegal memory access", "unspecified launch failure", "CUDA driver",
-              "illegal instruction")  # fmt: skip
+# The library's error kinds (qwen_edit.errors.KINDS) -> (code, fix, retryable). An INVALID_INPUT's fix
+# comes from the field (schema.FIXES) when there is none here.
+KIND_ERRORS = {
+    "parameter": ("INVALID_INPUT", None, False),
+    "config": ("CONFIG_ERROR", "fix QWEN_EDIT_CONFIG or the settings file", False),
+    "config_not_found": ("CONFIG_ERROR", "fix QWEN_EDIT_CONFIG or the settings file", False),
+    "unsafe_name": ("UNSAFE_NAME", "give a file name relative to the model folder", False),
+    "model_not_found": ("MODEL_NOT_FOUND", "use a file the message lists, or put it on the volume", False),
+    "model_format": ("MODEL_LOAD_FAILED", "check that the model files are complete and match", False),
+    "lora": ("LORA_ERROR", "use a LoRA trained for Qwen-Image in a supported format", False),
+    "hardware": ("UNSUPPORTED_HARDWARE", "select a GPU type the README lists", False),
+    "nunchaku_unavailable": ("MODEL_LOAD_FAILED", "install the Nunchaku wheel or use backend auto", False),
+    "out_of_memory": ("CUDA_OOM", "retry with cpu_offload='enable', a smaller size or batch_size", True),
+    "cuda_error": ("CUDA_ERROR", "retry: the platform starts a fresh worker", True),
+    "cancelled": ("CANCELLED", None, False),
+    "storage": ("INVALID_INPUT", None, False),
+    "dependency": ("INTERNAL", "retry; if it persists, report it with the worker's log", True),
+    "runtime": ("INTERNAL", "retry; if it persists, report it with the worker's log", True),
+    "internal": ("INTERNAL", "retry; if it persists, report it with the worker's log", True),
+}
+# While models load, what the table calls internal is a model that would not load.
+LOAD_FAILED = KIND_ERRORS["model_format"]
+# The library's model slots -> the request fields that name them.
+SLOT_FIELDS = {"transformer": "model_name", "text_encoder": "clip_name", "vae": "vae_name"}
 CUDA_PROBE = (
     "import sys, torch; "
     "sys.exit(0 if torch.cuda.is_available() and torch.ones(1, device='cuda').item() else 1)"
@@ -138,23 +156,6 @@ def wait_for_cuda(timeout: float, interval: float = 2.0) -> bool:
         time.sleep(interval)
 
 
-def demo_settings(cache_dir: str | None) -> tuple[dict, dict]:
-    """Settings for the tiny demo model (its files as the model folders) and its text encoder config."""
-    from qwen_edit.demo import demo_files
-
-    files = demo_files(cache_dir)
-    folder = Path(files["transformer"]).parent
-    (folder / "loras").mkdir(exist_ok=True)
-    section = {"base_path": str(folder), "diffusion_models": ".", "clip": ".", "vae": ".", "tokenizers": ".",
-               "loras": "loras"}  # fmt: skip
-    settings = {
-        "model_paths": {"demo": section},
-        "models": {name: Path(files[name]).name for name in ("transformer", "text_encoder", "vae")},
-        "device": "cpu", "backend": "portable", "compute": "bf16",
-    }  # fmt: skip
-    return settings, files["text_encoder_config"]
-
-
 class Worker:
     """One pipeline per process, loaded once and switched only when a request names other models."""
 
@@ -162,13 +163,11 @@ class Worker:
         self.config = config
         self.settings: Settings | None = None
         self.pipe: QwenEditPipeline | None = None
-        self.loaded: tuple | None = None  # the model files of self.pipe
+        self.loaded: tuple | None = None  # the model files of self.pipe (settings.ModelFiles)
         self.offload: tuple | None = None  # (cpu_offload, num_blocks_on_gpu, use_pin_memory) applied
         self.lock = threading.Lock()  # one edit at a time (the local API server may run jobs concurrently)
         self._started = False
-        self._demo_encoder: dict | None = None
         self._broken: WorkerError | None = None  # set for good: bad settings, no GPU, a fatal CUDA error
-        self.lora_warnings: list[str] = []  # about the LoRAs applied now (keys that match nothing)
 
     # -- startup ---------------------------------------------------------------------------------
 
@@ -178,7 +177,7 @@ class Worker:
             self._start()
             if self._broken is None:
                 try:
-                    self._pipeline(self._model_files(JobRequest(images=(), edit={})), self._offload(None))
+                    self._pipeline(self._spec(JobRequest(images=(), edit={})))
                 except Exception as exc:  # the first job reports it (and retries the load)
                     log.error("default pipeline not loaded: %s", exc)
 
@@ -188,11 +187,10 @@ class Worker:
         self._started = True
         try:
             if self.config.demo:
-                demo, self._demo_encoder = demo_settings(self.config.demo_cache)
-                layers = [demo] + ([self.config.settings] if self.config.settings else [])
+                layers = [self.config.settings] if self.config.settings else []
+                self.settings = demo_settings(self.config.demo_cache, layers)
             else:
-                layers = [self.config.settings or str(DEFAULT_SETTINGS)]
-            self.settings = load_settings(layers)
+                self.settings = load_settings(self.config.settings or str(DEFAULT_SETTINGS))
         except Exception as exc:
             self._broken = WorkerError(
                 "CONFIG_ERROR",
@@ -225,7 +223,7 @@ class Worker:
         except WorkerError as exc:
             error = exc
         except Exception as exc:  # anything unforeseen still becomes a structured error
-            error = self._classify(exc)
+            error = self._error(exc)
         log.warning("job %s failed: %s", job_id, error)
         result: dict = {"error": error.to_dict()}
         if error.code in REFRESH_CODES or isinstance(error.__cause__, MemoryError):
@@ -246,15 +244,14 @@ class Worker:
             self._start()
             if self._broken is not None:
                 raise self._broken
-            files = self._model_files(request)
-            loras = self._lora_files(request)
+            spec = self._spec(request)
             tick = time.monotonic()
             pictures = [self._picture(source, store, deadline) for source in request.images]
             timings["fetch_images"] = time.monotonic() - tick
             tick = time.monotonic()
-            pipe = self._pipeline(files, self._offload(request), job)
-            self._apply_loras(pipe, loras)
-            self._apply_offload(pipe, self._offload(request))
+            pipe = self._pipeline(spec, job)
+            self._apply_loras(pipe, spec)
+            self._apply_offload(pipe, spec)
             timings["load_models"] = time.monotonic() - tick
             if time.monotonic() >= deadline:
                 raise _timeout(timeout, "before sampling (fetching images and loading models took the time)")
@@ -289,13 +286,17 @@ class Worker:
                         "elapsed": round(time.monotonic() - started, 3),
                     },
                 ) from None
-            except ParameterError as exc:
-                raise WorkerError("INVALID_INPUT", str(exc).split(": ", 1)[-1], field=exc.field) from None
+            # What the LoRAs of *this* pipeline could not reach: a pipeline loaded for this job has none.
+            lora_warnings = [
+                f"LoRA {name}: {len(keys)} keys match no module of this model (e.g. {keys[0]})"
+                for name, keys in pipe.lora_report.unmatched.items()
+                if keys
+            ]
         finally:
             self.lock.release()
         tick = time.monotonic()
         images, warnings = outputs.deliver(result, store, job_id)
-        warnings = self.lora_warnings + warnings
+        warnings = lora_warnings + warnings
         timings.update(
             {k: v for k, v in result.timings.items() if k != "total"}, edit=result.timings["total"]
         )
@@ -314,152 +315,90 @@ class Worker:
 
     # -- models ----------------------------------------------------------------------------------
 
-    def _model_files(self, request: JobRequest) -> tuple:
-        """(transformer, text encoder, VAE, tokenizer) paths, resolved inside the model folders only."""
-        s = self.settings
-        device = None if s.device == "auto" else s.device
-        with _names("model_name" if request.model_name else "settings models.transformer"):
-            models = {**s.models, "transformer": request.model_name} if request.model_name else s.models
-            transformer = dataclasses.replace(s, models=models).transformer_path(device)  # names or "auto"
-        with _names("clip_name" if request.clip_name else "settings models.text_encoder"):
-            text_encoder = s.folders.resolve("text_encoders", request.clip_name or s.models["text_encoder"])
-        with _names("vae_name" if request.vae_name else "settings models.vae"):
-            vae = s.folders.resolve("vae", request.vae_name or s.models["vae"])
-        tokenizer = s.models.get("tokenizer")
-        with _names("settings models.tokenizer"):
-            tokenizer = None if tokenizer is None else s.folders.resolve("tokenizers", tokenizer)
-        return transformer, text_encoder, vae, tokenizer
+    def _spec(self, request: JobRequest) -> PipelineSpec:
+        """The settings with the request's model names, LoRAs and offload settings on top (names inside
+        the model folders only), resolved by the library; its errors name the request's fields."""
+        loras = None if request.loras is None else [(name, strength) for name, strength, _ in request.loras]
+        fields = {f"loras[{i}]": field for i, (_, _, field) in enumerate(request.loras or ())}
+        try:
+            return resolve_spec(
+                self.settings,
+                transformer=request.model_name,
+                text_encoder=request.clip_name,
+                vae=request.vae_name,
+                loras=loras,
+                cpu_offload=request.cpu_offload,
+                num_blocks_on_gpu=request.num_blocks_on_gpu,
+                use_pin_memory=request.use_pin_memory,
+            )
+        except QwenEditError as exc:
+            raise self._error(exc, fields=fields) from None
 
-    def _lora_files(self, request: JobRequest) -> list[tuple[str, float]]:
-        if request.loras is None:
-            entries = [(n, w, "settings models.loras") for n, w in self.settings.lora_list()]
-        else:
-            entries = list(request.loras)
-        out = []
-        for name, strength, field in entries:
-            with _names(field):
-                out.append((str(self.settings.folders.resolve("loras", name)), float(strength)))
-        return out
-
-    def _offload(self, request: JobRequest | None) -> tuple:
-        s = self.settings
-
-        def pick(name: str):
-            value = getattr(request, name, None) if request is not None else None
-            return getattr(s, name) if value is None else value
-
-        return pick("cpu_offload"), pick("num_blocks_on_gpu"), pick("use_pin_memory")
-
-    def _pipeline(self, files: tuple, offload: tuple, job: Mapping | None = None) -> QwenEditPipeline:
-        if self.pipe is not None and self.loaded == files:
+    def _pipeline(self, spec: PipelineSpec, job: Mapping | None = None) -> QwenEditPipeline:
+        if self.pipe is not None and self.loaded == spec.files:
             return self.pipe
         if job is not None:
             self._progress(job, {"stage": "loading_models"})
         if self.pipe is not None:  # free the old models before loading others (both rarely fit)
-            log.info("switching models: %s -> %s", self.loaded, files)
+            log.info("switching models: %s -> %s", self.loaded, spec.files)
             self.pipe = self.loaded = None
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        s = self.settings
-        transformer, text_encoder, vae, tokenizer = files
-        kwargs = dict(
-            transformer=transformer,
-            text_encoder=text_encoder,
-            vae=vae,
-            tokenizer=tokenizer,
-            device=None if s.device == "auto" else s.device,
-            backend=s.backend,
-            compute=s.compute,
-            cpu_offload=offload[0],
-            num_blocks_on_gpu=offload[1],
-            use_pin_memory=offload[2],
-            compile=s.compile,
-        )
-        if self._demo_encoder is not None:
-            kwargs["text_encoder_config"] = self._demo_encoder
         start = time.monotonic()
-        try:
-            pipe = QwenEditPipeline.from_files(**kwargs)
-        except FileNotFoundError as exc:  # e.g. no tokenizer beside the text encoder
-            raise WorkerError(
-                "MODEL_NOT_FOUND",
-                str(exc),
-                fix="put the missing files on the volume (the message names them)",
-            ) from None
-        except (UnsupportedHardwareError, torch.cuda.OutOfMemoryError):
-            raise
+        try:  # without LoRAs: a LoRA that fails must not cost the loaded models (_apply_loras)
+            pipe = QwenEditPipeline.from_spec(spec.replace(loras=()))
         except Exception as exc:
-            _raise_offload_error(exc)
-            if _is_cuda_fatal(exc):
-                raise
-            log.exception("loading %s failed", files)
-            raise WorkerError(
-                "MODEL_LOAD_FAILED",
-                f"{type(exc).__name__}: {exc}",
-                fix="check that the model files are complete and match each other",
-            ) from exc
-        if self.config.demo:
-            from qwen_edit.demo import DEMO_OUTPUT_MEGAPIXELS, DEMO_REFERENCE_AREA
-
-            pipe.reference_area, pipe.output_megapixels = DEMO_REFERENCE_AREA, DEMO_OUTPUT_MEGAPIXELS
-        self.pipe, self.loaded, self.offload = pipe, files, offload
-        info = pipe.transformer.qwen_edit_info
+            if not isinstance(exc, QwenEditError):
+                log.exception("loading %s failed", spec.files)
+            raise self._error(exc, loading=True) from exc
+        self.pipe, self.loaded, self.offload = pipe, spec.files, spec.offload
+        info = pipe.info()
         log.info(
             "pipeline loaded in %.1f s: backend %s (%s), offload: %s",
             time.monotonic() - start,
-            info.backend,
-            info.reason,
-            pipe.offload_plan.reason if pipe.offload_plan else "none",
+            info.get("backend"),
+            info.get("reason"),
+            info["offload"] or "none",
         )
-        if info.backend == "portable" and str(info.device).startswith("cuda"):
+        if info.get("backend") == "portable" and info["device"].startswith("cuda"):
             log.warning(
                 "this GPU runs the portable backend (no Nunchaku kernels): slower than RTX 50xx / 40xx"
             )
         return pipe
 
-    def _apply_loras(self, pipe: QwenEditPipeline, loras: list[tuple[str, float]]) -> None:
-        if [(p, float(w)) for p, w in pipe.loras] == loras:
+    def _apply_loras(self, pipe: QwenEditPipeline, spec: PipelineSpec) -> None:
+        if pipe.lora_specs == spec.loras:
             return
         try:
-            report = pipe.set_loras(loras)
-        except LoraError as exc:
+            pipe.set_loras(spec.loras)
+        except Exception as exc:
             try:  # leave the pipeline clean for the next job
                 pipe.set_loras([])
             except Exception:
                 self.pipe = self.loaded = None
-            raise WorkerError(
-                "LORA_ERROR",
-                str(exc),
-                field="lora_name",
-                fix="use a LoRA trained for Qwen-Image in a supported format",
-            ) from None
-        self.lora_warnings = [
-            f"LoRA {Path(name).name}: {len(keys)} keys match no module of this model (e.g. {keys[0]})"
-            for name, keys in report.unmatched.items()
-            if keys
-        ]
-        for warning in self.lora_warnings:
-            log.warning("%s", warning)
+            raise self._error(exc, field="lora_name") from None
+        for name, keys in pipe.lora_report.unmatched.items():
+            if keys:
+                log.warning("LoRA %s: %d keys match no module of this model", name, len(keys))
 
-    def _apply_offload(self, pipe: QwenEditPipeline, offload: tuple) -> None:
-        if self.offload == offload:
+    def _apply_offload(self, pipe: QwenEditPipeline, spec: PipelineSpec) -> None:
+        if self.offload == spec.offload:
             return
         try:
-            pipe.set_offload(*offload)
-        except ValueError as exc:
-            _raise_offload_error(exc)
-            raise
-        self.offload = offload
+            pipe.set_offload(*spec.offload)
+        except QwenEditError as exc:
+            raise self._error(exc) from None
+        self.offload = spec.offload
 
     def _model_info(self, pipe: QwenEditPipeline) -> dict:
-        info = pipe.transformer.qwen_edit_info
+        info = pipe.info()
         return {
-            "transformer": Path(info.path).name,
-            "backend": info.backend,
-            "compute": info.compute,
-            "device": str(info.device),
-            "offload": pipe.offload_plan.reason if pipe.offload_plan else None,
+            "transformer": Path(info["files"]["transformer"]).name,
+            "backend": info.get("backend"),
+            "compute": info.get("compute"),
+            "device": info["device"],
+            "offload": info["offload"],
         }
 
     def _picture(self, source, store: storage.StorageConfig, deadline: float):
@@ -475,46 +414,54 @@ class Worker:
 
     # -- errors and progress ---------------------------------------------------------------------
 
-    def _classify(self, exc: Exception) -> WorkerError:
-        if isinstance(exc, GPUOutOfMemoryError):
-            return WorkerError(
-                "CUDA_OOM",
-                str(exc),
-                retryable=True,
-                details={"suggestion": exc.suggestion},
-                fix="retry with the suggested cpu_offload settings, a smaller size or batch",
-            )
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            return WorkerError(
-                "CUDA_OOM",
-                str(exc).split("\n", 1)[0],
-                retryable=True,
-                fix="retry with cpu_offload='enable', a smaller size or batch_size",
-            )
-        if isinstance(exc, UnsupportedHardwareError):
-            return WorkerError("UNSUPPORTED_HARDWARE", str(exc), fix="select a GPU type the README lists")
-        if _is_cuda_fatal(exc):
+    def _error(
+        self,
+        exc: BaseException,
+        *,
+        fields: Mapping[str, str] | None = None,
+        field: str | None = None,
+        loading: bool = False,
+    ) -> WorkerError:
+        """The WorkerError for what the library raised, by its kind (KIND_ERRORS). The field it names is
+        the request's: a model slot becomes model_name/clip_name/vae_name, a slot the settings filled
+        `settings models.<slot>`, a LoRA its lora_name entry (`fields`); `field` when it names none."""
+        kind = kind_of(exc)
+        code, fix, retryable = KIND_ERRORS[kind]
+        if loading and code == "INTERNAL":
+            code, fix, retryable = LOAD_FAILED
+        where = getattr(exc, "field", None)
+        if where is not None:
+            where = (fields or {}).get(where) or SLOT_FIELDS.get(where) or where
+            if where.startswith("models."):
+                where = f"settings {where}"
+        if code in ("INTERNAL", "MODEL_LOAD_FAILED"):
+            message = f"{type(exc).__name__}: {exc}"
+        elif isinstance(exc, QwenEditError):
+            message = exc.message
+        else:  # torch's out-of-memory text runs to several lines of allocator advice
+            message = str(exc).split("\n", 1)[0]
+        details = {"suggestion": exc.suggestion} if hasattr(exc, "suggestion") else None
+        error = WorkerError(
+            code, message, field=where or field, fix=fix, retryable=retryable, details=details
+        )
+        if code == "CUDA_ERROR":
             self._broken = WorkerError(
                 "CUDA_ERROR",
                 f"this worker hit a fatal CUDA error and is being replaced ({exc})",
                 retryable=True,
-                fix="retry: the platform starts a fresh worker",
+                fix=fix,
             )
             log.error("fatal CUDA error: %s", exc)
             return self._broken
-        log.exception("unexpected error")
-        error = WorkerError(
-            "INTERNAL",
-            f"{type(exc).__name__}: {exc}",
-            retryable=True,
-            fix="retry; if it persists, report it with the worker's log",
-        )
-        error.__cause__ = exc
+        if code == "INTERNAL":
+            log.exception("unexpected error", exc_info=exc)
+            error.__cause__ = exc
         return error
 
     def _progress(self, job: Mapping, payload: dict) -> None:
-        """Per-step status through the SDK; only where there is a platform to send it to (locally the
-        SDK would log an error per call, shared/docs/runpod.md 1). Progress never fails a job."""
+        """Per-step status through the SDK; only where there is a platform to send it to. Locally the
+        SDK posts to a placeholder URL and logs an error per call (runpod-python 1.12.0, @07fc6e2,
+        rp_http.py:16-19). Progress never fails a job."""
         log.debug("job %s progress %s", job.get("id"), payload)
         if not os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT") or "id" not in job:
             return
@@ -526,33 +473,6 @@ class Worker:
             log.warning("progress update failed: %s", exc)
 
 
-class _names:
-    """Maps the library's name errors to worker errors that name the request field."""
-
-    def __init__(self, field: str):
-        self.field = field
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, exc, tb) -> bool:
-        if isinstance(exc, UnsafeModelNameError):
-            raise WorkerError(
-                "UNSAFE_NAME",
-                str(exc).split(": ", 1)[-1],
-                field=self.field,
-                fix="give a file name relative to the model folder",
-            ) from None
-        if isinstance(exc, ModelNotFoundError):
-            raise WorkerError(
-                "MODEL_NOT_FOUND",
-                str(exc),
-                field=self.field,
-                fix="use one of the available files listed in the message",
-            ) from None
-        return False
-
-
 def _timeout(timeout: float, when: str, details: dict | None = None) -> WorkerError:
     return WorkerError(
         "TIMEOUT",
@@ -561,20 +481,6 @@ def _timeout(timeout: float, when: str, details: dict | None = None) -> WorkerEr
         fix="raise timeout, or use fewer steps, a smaller size or batch",
         details=details,
     )
-
-
-def _raise_offload_error(exc: Exception) -> None:
-    """The offload planner's ValueErrors name the setting first ("num_blocks_on_gpu must be in ...")."""
-    for field in ("num_blocks_on_gpu", "cpu_offload"):
-        if isinstance(exc, ValueError) and str(exc).startswith(field):
-            raise WorkerError("INVALID_INPUT", str(exc), field=field) from None
-
-
-def _is_cuda_fatal(exc: BaseException) -> bool:
-    accelerator_error = getattr(torch, "AcceleratorError", None)
-    if accelerator_error is not None and isinstance(exc, accelerator_error):
-        return True
-    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in CUDA_FATAL)
 
 
 def _round(value):
@@ -642,6 +548,7 @@ def main() -> None:
         get_worker().start()
     except Exception as exc:  # reported per job by _run_job; the worker still starts
         log.error("worker configuration: %s", exc)
-    import runpod  # here only: importing runpod reconfigures logging (shared/docs/runpod.md 0.6)
+    # Here only: importing runpod calls logging.basicConfig (runpod-python 1.12.0, rp_upload.py:22-24).
+    import runpod
 
     runpod.serverless.start({"handler": handler})

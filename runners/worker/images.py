@@ -154,7 +154,7 @@ def read_object(key: str, field: str, store: storage.StorageConfig, max_bytes: i
     except storage.StorageTooLargeError as exc:
         raise WorkerError("IMAGE_TOO_LARGE", str(exc), field=field) from None
     except storage.StorageConfigError as exc:  # outside the allowed input prefix
-        raise WorkerError("UNSAFE_NAME", str(exc).split(": ", 1)[-1], field=field) from None
+        raise WorkerError("UNSAFE_NAME", exc.message, field=field) from None
     except storage.StorageError as exc:
         raise WorkerError(
             "IMAGE_FETCH_FAILED",
@@ -224,7 +224,7 @@ def read_named(name: str, field: str, folders: Sequence[Path], max_bytes: int) -
     except UnsafeModelNameError as exc:
         raise WorkerError(
             "UNSAFE_NAME",
-            str(exc).split(": ", 1)[-1],
+            exc.message,
             field=field,
             fix="give a file name relative to the input folder",
         ) from None

@@ -40,7 +40,7 @@ def request_storage(
         return base.with_overrides(changes)
     except storage.StorageConfigError as exc:
         field = exc.field if exc.field.startswith("storage.") else f"storage.{exc.field}"
-        raise WorkerError("INVALID_INPUT", str(exc).split(": ", 1)[-1], field=field) from None
+        raise WorkerError("INVALID_INPUT", exc.message, field=field) from None
 
 
 def deliver(result, store: storage.StorageConfig, job_id: str) -> tuple[list[dict], list[str]]:

@@ -1,10 +1,11 @@
 """The worker's request schema and error contract.
 
 Requests carry the seed (ComfyUI-based) worker's fields. Validation is our own, not runpod's
-`rp_validator`, which skips the bounds of optional fields that have defaults (shared/docs/runpod.md
-0.3). Every bad field gets its own error (`details.errors`), each with a stable code, the field and a
-fix; the generation fields are checked by building `qwen_edit.params.EditParams`, so the bounds live in
-one place.
+`rp_validator`, which skips the bounds of optional fields that have defaults (runpod-python 1.12.0,
+@07fc6e2, runpod/serverless/utils/rp_validator.py:71-73: the loop continues before the constraints
+when the value has the default's type). Every bad field gets its own error (`details.errors`), each
+with a stable code, the field and a fix; the generation fields are checked by building
+`qwen_edit.params.EditParams`, so the bounds live in one place.
 """
 
 from __future__ import annotations
@@ -338,7 +339,7 @@ def _source(kind: str, value, where: str, problems: _Problems) -> ImageSource | 
         code = "UNSAFE_NAME" if ".." in value.split("/") or value.startswith("/") else "INVALID_INPUT"
         problems.add(
             where,
-            str(exc).split(": ", 1)[-1],
+            exc.message,
             code=code,
             fix="give the object's key relative to the bucket, without '..'",
         )
@@ -365,12 +366,12 @@ def _edit(given: dict, problems: _Problems) -> dict:
         try:
             EditParams(**trial)
         except ParameterError as exc:
-            problems.add(exc.field, str(exc).split(": ", 1)[-1])
+            problems.add(exc.field, exc.message)
     if not problems.fields() & set(EDIT_FIELDS):
         try:  # what only the combination can get wrong (width without height)
             EditParams(**{**edit, "seed": edit.get("seed") or 0})
         except ParameterError as exc:
-            problems.add(exc.field, str(exc).split(": ", 1)[-1])
+            problems.add(exc.field, exc.message)
     return edit
 
 
@@ -388,7 +389,7 @@ def _safe_name(value: str, where: str, problems: _Problems, folder: str, too_lon
     except UnsafeModelNameError as exc:
         problems.add(
             where,
-            str(exc).split(": ", 1)[-1],
+            exc.message,
             code="UNSAFE_NAME",
             fix=f"give a file name relative to the {folder} folder",
         )

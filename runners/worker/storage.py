@@ -4,13 +4,15 @@ Configured by environment variables (`StorageConfig.from_env`, the RunPod worker
 and optionally per request (`StorageConfig.with_overrides`). boto3 is imported only when a client is
 made, so the library does not need it.
 
-Client settings and why (shared/docs/runpod.md, section 3):
+Client settings and why:
 - path-style addressing and s3v4 signatures: custom endpoints (RunPod's `s3api-<dc>.runpod.io`, MinIO)
   have no per-bucket DNS names;
 - `request_checksum_calculation` / `response_checksum_validation` = "when_required": boto3 >= 1.36
-  adds CRC checksums by default, which many non-AWS stores reject (SignatureDoesNotMatch);
-- RunPod's volume API has no presigned URLs, so an upload returns its key, and a URL only when a public
-  base URL is configured (or presigning is asked for, for stores that support it);
+  adds CRC checksums by default, which many non-AWS stores reject (SignatureDoesNotMatch;
+  runpod-workers/worker-comfyui issue #156);
+- RunPod's volume API has no presigned URLs (runpod/docs @a900806, storage/s3-api.mdx:463-506), so an
+  upload returns its key, and a URL only when a public base URL is configured (or presigning is asked
+  for, for stores that support it);
 - bounded retries and timeouts: an unreachable store must fail the upload in seconds, not minutes, so
   that the worker can still return the image as base64.
 """
@@ -23,26 +25,32 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from urllib.parse import quote, urlsplit
 
+from qwen_edit.errors import QwenEditError
+
 ENV_PREFIX = "RUNPOD_STORAGE_"
 MAX_KEY_BYTES = 1024  # S3's limit on key length
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off"}
 
 
-class StorageError(RuntimeError):
+class StorageError(QwenEditError, RuntimeError):
     """A storage operation failed; the message names the operation, bucket and key."""
+
+    kind = "storage"
 
 
 class StorageTooLargeError(StorageError):
     """An object over the caller's size limit (refused before or while reading it)."""
 
 
-class StorageConfigError(ValueError):
+class StorageConfigError(QwenEditError, ValueError):
     """Storage settings that cannot work (a missing bucket, half the credentials, a bad URL)."""
 
+    kind = "storage"
+    field_in_message = True
+
     def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
+        super().__init__(message, field=field_name)
 
 
 @dataclass(frozen=True)
