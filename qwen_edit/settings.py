@@ -51,17 +51,16 @@ from .errors import ModelNotFoundError, ParameterError, SettingsError, SettingsN
 from .hardware import describe_device, nunchaku_precision_error
 from .offload import CPU_OFFLOAD_MODES
 from .params import EditParams
-from .paths import ModelFolders
+from .paths import TEXT_ENCODER_FILE, TRANSFORMER_FILE, VAE_FILE, ModelFolders
 from .transformer import BACKENDS, COMPUTES
 
 DEFAULT_MODELS = {
     "transformer": "auto",
-    "text_encoder": "qwen_2.5_vl_7b_fp8_scaled.safetensors",
-    "vae": "qwen_image_vae.safetensors",
+    "text_encoder": TEXT_ENCODER_FILE,
+    "vae": VAE_FILE,
     "tokenizer": None,
     "loras": [],
 }
-TRANSFORMER_FILE = "svdq-{precision}_r{rank}-qwen-image-edit-2509-lightningv2.0-{steps}steps.safetensors"
 AUTO_TRANSFORMERS = {"auto": 4, "auto-4steps": 4, "auto-8steps": 8}  # the Lightning file for this card
 TOP_LEVEL_KEYS = {
     "model_paths", "models", "device", "backend", "compute", "generation",

@@ -85,6 +85,7 @@ def bench_config(name: str, build, *, image: Image.Image, prompt: str, edit_kwar
     for _ in range(warmup):
         pipe.edit([image], prompt, **edit_kwargs)
     runs = [pipe.edit([image], prompt, **edit_kwargs).timings for _ in range(repeats)]
+    info = pipe.info()
     row = {
         "config": name,
         "load_s": round(load_s, 3),
@@ -101,9 +102,7 @@ def bench_config(name: str, build, *, image: Image.Image, prompt: str, edit_kwar
             "total": _median_ms(r["total"] for r in runs),
         },
         "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
-        "backend": pipe.transformer.qwen_edit_info.backend,
-        "compute": pipe.transformer.qwen_edit_info.compute,
-        "offload": pipe.offload_plan.reason if pipe.offload_plan is not None else None,
+        **{key: info[key] for key in ("backend", "compute", "offload")},
     }
     stages = sum(row["median_ms"][k] for k in STAGES)
     row["overhead_pct"] = round(100 * (row["median_ms"]["total"] - stages) / max(stages, 1e-9), 1)
@@ -147,7 +146,7 @@ def write_chart(result: dict, path: Path) -> Path:
 def run(argv: list[str] | None = None) -> dict:
     """Parse arguments, run every configuration, write JSON (and a chart); returns the result."""
     from qwen_edit import QwenEditPipeline
-    from qwen_edit.demo import demo_files
+    from qwen_edit.settings import demo_settings, load_settings, resolve_spec
 
     parser = argparse.ArgumentParser(prog="qwen-edit bench", description="Per-stage edit latency benchmark.")
     parser.add_argument("--config", action="append", default=[], help="settings YAML (repeatable: layered)")
@@ -171,14 +170,10 @@ def run(argv: list[str] | None = None) -> dict:
 
     device = torch.device(args.device) if args.device else (torch.device("cuda") if torch.cuda.is_available()
                                                              else torch.device("cpu"))  # fmt: skip
-    if args.demo:
-        base = {k: v for k, v in demo_files().items() if k != "text_encoder_config"}
-        base["backend"] = "portable"
-    else:
-        from qwen_edit.settings import load_settings
-
-        base = load_settings(args.config).pipeline_kwargs()
-    paths = [Path(base[k]) for k in ("transformer", "text_encoder", "vae") if base.get(k) is not None]
+    # The demo's files as settings: its own image budgets keep a CPU run short.
+    settings = demo_settings() if args.demo else load_settings(args.config)
+    base = resolve_spec(settings, device=str(device))  # every file found before the first load
+    paths = [p for p in (base.files.transformer, base.files.text_encoder, base.files.vae) if p is not None]
     image = Image.fromarray(
         np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
     )
@@ -186,17 +181,13 @@ def run(argv: list[str] | None = None) -> dict:
     rows = []
     for backend in args.backend:
         for compute in args.compute:
-            kwargs = {**base, "device": device, "compute": compute, "compile": args.compile}
-            if not args.demo:
-                kwargs["backend"] = backend
-                build = lambda kw=kwargs: QwenEditPipeline.from_files(**kw)  # noqa: E731
-            else:  # the demo's own image budgets keep a CPU run short
-                build = lambda c=compute: QwenEditPipeline.demo(
-                    device=device, compute=c, compile=args.compile
-                )  # noqa: E731
-            name = f"{kwargs['backend']}/{compute}" + ("/compiled" if args.compile else "")
+            spec = resolve_spec(
+                settings, device=str(device), compute=compute, compile=args.compile,
+                backend=None if args.demo else backend,  # the demo runs the portable backend
+            )  # fmt: skip
+            name = f"{spec.backend}/{compute}" + ("/compiled" if args.compile else "")
             rows.append(bench_config(
-                name, build, image=image, prompt=args.prompt,
+                name, lambda s=spec: QwenEditPipeline.from_spec(s), image=image, prompt=args.prompt,
                 edit_kwargs=edit_kwargs, warmup=args.warmup, repeats=args.repeats, files=paths, device=device,
             ))  # fmt: skip
     total_bytes = sum(p.stat().st_size if p.is_file() else 0 for p in paths)

@@ -393,7 +393,7 @@ def test_a_failing_job_does_not_stop_the_others(tmp_path, monkeypatch):
     from runners.cli.output import Reporter
 
     class FakePipe:
-        loras: list = []
+        lora_specs: tuple = ()
 
         def edit(self, images, prompt, callback=None, **params):
             if prompt == "too big":

@@ -66,3 +66,39 @@ def test_kind_of_foreign_exceptions():
     assert kind_of(ImportError("transformers too old")) == "dependency"
     assert kind_of(KeyError("surprise")) == "internal"
     assert kind_of(MemoryError()) == "internal"  # host RAM: the worker decides what it means for itself
+
+
+def test_each_runner_maps_every_kind():
+    """The CLI's and the worker's only view of library errors: a row per kind, nothing else."""
+    from runners.cli.output import KIND_ERRORS as CLI
+    from runners.worker.handler import KIND_ERRORS as WORKER
+    from runners.worker.schema import ERROR_CODES
+
+    assert set(CLI) == set(KINDS) == set(WORKER)
+    assert {code for code, _, _ in WORKER.values()} <= set(ERROR_CODES)
+    assert CLI["model_not_found"][1] == 3 and CLI["parameter"][1] == 2 and CLI["out_of_memory"][1] == 4
+
+
+def test_the_cli_names_library_errors_by_kind():
+    from runners.cli.output import cli_error
+
+    error = cli_error(errors.ParameterError("steps", "must be in [1, 200], got 0"), prefix="jobs.txt:2: ")
+    assert (error.code, error.exit_code, error.message) == (
+        "bad_parameter",
+        2,
+        "jobs.txt:2: steps: must be in [1, 200], got 0",
+    )
+    assert error.details == {"field": "steps"}
+    oom = cli_error(errors.GPUOutOfMemoryError("out of memory", {"cpu_offload": "enable"}))
+    assert (oom.code, oom.exit_code, oom.details["suggestion"]) == (
+        "out_of_memory",
+        4,
+        {"cpu_offload": "enable"},
+    )
+    lora = cli_error(errors.LoraError("style.safetensors holds no LoRA weights"))
+    assert (lora.code, lora.exit_code) == ("model_invalid", 3)  # was an internal error (exit 1)
+    fatal = cli_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert (fatal.code, fatal.exit_code) == ("runtime_error", 4) and fatal.message.startswith(
+        "RuntimeError: "
+    )
+    assert cli_error(KeyError("x")).exit_code == 1

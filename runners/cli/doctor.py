@@ -9,19 +9,17 @@ Nothing heavy is loaded: safetensors headers and file sizes only.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
 import shutil
-import struct
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .locations import RUNPOD_ROOTS, settings_layers
-from .output import EXIT_MODEL, EXIT_OK, EXIT_RUNTIME, human_bytes
+from .output import EXIT_MODEL, EXIT_OK, EXIT_RUNTIME, CliError, Reporter, human_bytes
 
 NUNCHAKU_RELEASES = "https://github.com/nunchaku-tech/nunchaku/releases"
 TORCH_CUDA_INDEX = "https://download.pytorch.org/whl/cu128"
@@ -49,11 +47,14 @@ class Check:
 class Facts:
     """What the checks share: torch's view of the GPU, nvidia-smi's, the settings and resolved files."""
 
+    torch: TorchFacts | None = None
     device: object = None  # qwen_edit.hardware.DeviceInfo, or None when torch sees no GPU
     smi: dict = field(default_factory=dict)
     nunchaku: object = None  # qwen_edit.nunchaku_backend.NunchakuStatus, once checked
     files: dict = field(default_factory=dict)  # slot -> Path of the files found
     settings: object = None
+    checkpoint: object = None  # the transformer file as qwen_edit.svdq.checkpoint read it, once
+    checkpoint_error: str | None = None
 
 
 def run_doctor(
@@ -91,6 +92,35 @@ def verdict(checks: list[Check], facts: Facts) -> tuple[str, int]:
 
 
 # -- environment ---------------------------------------------------------------------------------
+#
+# Each check gathers facts (torch, nvidia-smi, the environment, the library's device and Nunchaku
+# status), then a pure `diagnose_*` function judges them, so every branch is tested with made-up facts.
+
+
+@dataclass(frozen=True)
+class TorchFacts:
+    """torch's view: its version and CUDA build, whether it sees a GPU, the SMs it has kernels for."""
+
+    version: str  # torch.__version__, e.g. "2.9.0+cu128"
+    cuda_build: str | None  # torch.version.cuda: None for a CPU-only build
+    cuda_available: bool = False
+    arch_list: tuple[str, ...] = ()  # torch.cuda.get_arch_list()
+    device_count: int = 0
+    cudnn: int | None = None
+
+
+def torch_facts() -> TorchFacts:
+    import torch
+
+    available = torch.cuda.is_available()
+    return TorchFacts(
+        version=torch.__version__,
+        cuda_build=torch.version.cuda,
+        cuda_available=available,
+        arch_list=tuple(torch.cuda.get_arch_list()) if available else (),
+        device_count=torch.cuda.device_count() if available else 0,
+        cudnn=_cudnn_version(),
+    )
 
 
 def check_python() -> Check:
@@ -102,24 +132,26 @@ def check_python() -> Check:
 
 
 def check_torch(facts: Facts) -> Check:
-    import torch
-
+    facts.torch = torch_facts()
     facts.smi = nvidia_smi()
-    cuda = torch.version.cuda
-    details = {"torch": torch.__version__, "cuda_build": cuda, "cudnn": _cudnn_version()}
-    if cuda is None:
-        if facts.smi.get("gpus"):
-            gpu = facts.smi["gpus"][0]["name"]
+    return diagnose_torch(facts.torch, facts.smi)
+
+
+def diagnose_torch(t: TorchFacts, smi: dict) -> Check:
+    details = {"torch": t.version, "cuda_build": t.cuda_build, "cudnn": t.cudnn}
+    if t.cuda_build is None:
+        if smi.get("gpus"):
+            gpu = smi["gpus"][0]["name"]
             return Check(
                 "torch",
                 "error",
-                f"torch {torch.__version__} is a CPU-only build, but nvidia-smi sees {gpu}",
+                f"torch {t.version} is a CPU-only build, but nvidia-smi sees {gpu}",
                 fix=f"pip install --force-reinstall torch --index-url {TORCH_CUDA_INDEX} (pick the cuXYZ "
-                f"index at or below the driver's CUDA {facts.smi.get('cuda_version', '?')})",
+                f"index at or below the driver's CUDA {smi.get('cuda_version', '?')})",
                 details=details,
             )
-        return Check("torch", "info", f"torch {torch.__version__} (CPU-only build)", details=details)
-    return Check("torch", "ok", f"torch {torch.__version__}, built for CUDA {cuda}", details=details)
+        return Check("torch", "info", f"torch {t.version} (CPU-only build)", details=details)
+    return Check("torch", "ok", f"torch {t.version}, built for CUDA {t.cuda_build}", details=details)
 
 
 def _cudnn_version() -> int | None:
@@ -131,44 +163,45 @@ def _cudnn_version() -> int | None:
         return None
 
 
+SMI_QUERY = "--query-gpu=name,driver_version,memory.total,memory.used,memory.free"
+
+
 def nvidia_smi() -> dict:
     """The driver's view: GPUs, driver and CUDA version; {} without nvidia-smi."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return {}
-    out: dict = {"path": exe, "gpus": []}
     try:
         query = subprocess.run(
-            [
-                exe,
-                "--query-gpu=name,driver_version,memory.total,memory.used,memory.free",
-                "--format=csv,noheader,nounits",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=20,
+            [exe, SMI_QUERY, "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20
         )
-        for line in query.stdout.strip().splitlines():
-            parts = [p.strip() for p in line.split(",")]
-            if len(parts) == 5:
-                name, driver, total, used, free = parts
-                out["gpus"].append(
-                    {
-                        "name": name,
-                        "driver": driver,
-                        "memory_total_mib": _int(total),
-                        "memory_used_mib": _int(used),
-                        "memory_free_mib": _int(free),
-                    }
-                )
         header = subprocess.run([exe], capture_output=True, text=True, timeout=20).stdout
-        match = re.search(r"CUDA Version:\s*([\d.]+)", header)
-        if match:
-            out["cuda_version"] = match.group(1)
-        if query.returncode != 0:
-            out["error"] = (query.stderr or query.stdout).strip()[:500]
     except (OSError, subprocess.SubprocessError) as exc:
-        out["error"] = str(exc)
+        return {"path": exe, "gpus": [], "error": str(exc)}
+    return {"path": exe, **parse_nvidia_smi(query.stdout, header, query.returncode, query.stderr)}
+
+
+def parse_nvidia_smi(query: str, header: str, returncode: int = 0, stderr: str = "") -> dict:
+    """nvidia-smi's CSV query (name, driver, memory total/used/free in MiB) and its banner's CUDA version."""
+    out: dict = {"gpus": []}
+    for line in query.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 5:
+            name, driver, total, used, free = parts
+            out["gpus"].append(
+                {
+                    "name": name,
+                    "driver": driver,
+                    "memory_total_mib": _int(total),
+                    "memory_used_mib": _int(used),
+                    "memory_free_mib": _int(free),
+                }
+            )
+    match = re.search(r"CUDA Version:\s*([\d.]+)", header)
+    if match:
+        out["cuda_version"] = match.group(1)
+    if returncode != 0:
+        out["error"] = (stderr or query).strip()[:500]
     return out
 
 
@@ -180,66 +213,67 @@ def _int(text: str) -> int | None:
 
 
 def check_gpu(facts: Facts, device: str | None) -> Check:
-    import torch
-
-    from qwen_edit.hardware import UnsupportedHardwareError, describe_device
-
-    smi = facts.smi
     if device is not None and not device.startswith("cuda"):
         return Check("gpu", "info", f"device {device!r} requested: no GPU checks")
-    if torch.cuda.is_available():
-        try:
-            info = describe_device(device or "cuda")
-        except (UnsupportedHardwareError, RuntimeError, AssertionError) as exc:
-            return Check(
-                "gpu", "error", f"cannot use {device}: {exc}", fix="pick an existing --device (cuda:0)"
-            )
-        facts.device = info
-        free, total = torch.cuda.mem_get_info(info.device)
-        driver = smi["gpus"][0]["driver"] if smi.get("gpus") else "?"
-        details = {
-            "name": info.name,
-            "capability": list(info.capability),
-            "count": torch.cuda.device_count(),
-            "memory_total_bytes": total,
-            "memory_free_bytes": free,
-            "driver": driver,
-            "driver_cuda": smi.get("cuda_version"),
-            "torch_arch_list": torch.cuda.get_arch_list(),
-        }
-        summary = (
-            f"{info.name} ({info.sm}), {total / GIB:.1f} GiB, {free / GIB:.1f} GiB free; driver {driver} "
-            f"(CUDA {smi.get('cuda_version', '?')})"
-        )
-        if not arch_supported(info.capability, torch.cuda.get_arch_list()):
-            return Check(
-                "gpu",
-                "error",
-                f"{summary}; but torch {torch.__version__} has no kernels for {info.sm} "
-                f"(built for {', '.join(torch.cuda.get_arch_list())})",
-                fix=f"install a torch build that supports {info.sm}: pip install --force-reinstall torch "
-                f"--index-url {TORCH_CUDA_INDEX} (RTX 50xx / SM 120 needs CUDA 12.8 or newer)",
-                details=details,
-            )
-        if free < 0.5 * total:
-            return Check(
-                "gpu",
-                "warn",
-                f"{summary}; other processes hold {(total - free) / GIB:.1f} GiB",
-                fix="stop them (nvidia-smi lists them; a ComfyUI server?) or let offload stream blocks",
-                details=details,
-            )
-        return Check("gpu", "ok", summary, details=details)
+    if not facts.torch.cuda_available:
+        return diagnose_no_gpu(facts.torch, facts.smi, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    import torch
 
-    # No GPU visible to torch: say which of the usual reasons it is.
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    from qwen_edit.errors import UnsupportedHardwareError
+    from qwen_edit.hardware import describe_device
+
+    try:
+        info = describe_device(device or "cuda")
+    except (UnsupportedHardwareError, RuntimeError, AssertionError) as exc:
+        return Check("gpu", "error", f"cannot use {device}: {exc}", fix="pick an existing --device (cuda:0)")
+    facts.device = info
+    free, total = torch.cuda.mem_get_info(info.device)
+    return diagnose_gpu(info, facts.torch, facts.smi, free, total)
+
+
+def diagnose_gpu(info, t: TorchFacts, smi: dict, free: int, total: int) -> Check:
+    """A GPU torch sees (`info`: qwen_edit.hardware.DeviceInfo): kernels for its SM, memory in use."""
+    driver = smi["gpus"][0]["driver"] if smi.get("gpus") else "?"
     details = {
-        "torch_cuda_build": torch.version.cuda,
-        "nvidia_smi": smi or None,
-        "CUDA_VISIBLE_DEVICES": visible,
+        "name": info.name,
+        "capability": list(info.capability),
+        "count": t.device_count,
+        "memory_total_bytes": total,
+        "memory_free_bytes": free,
+        "driver": driver,
+        "driver_cuda": smi.get("cuda_version"),
+        "torch_arch_list": list(t.arch_list),
     }
+    summary = (
+        f"{info.name} ({info.sm}), {total / GIB:.1f} GiB, {free / GIB:.1f} GiB free; driver {driver} "
+        f"(CUDA {smi.get('cuda_version', '?')})"
+    )
+    if not arch_supported(info.capability, list(t.arch_list)):
+        return Check(
+            "gpu",
+            "error",
+            f"{summary}; but torch {t.version} has no kernels for {info.sm} "
+            f"(built for {', '.join(t.arch_list)})",
+            fix=f"install a torch build that supports {info.sm}: pip install --force-reinstall torch "
+            f"--index-url {TORCH_CUDA_INDEX} (RTX 50xx / SM 120 needs CUDA 12.8 or newer)",
+            details=details,
+        )
+    if free < 0.5 * total:
+        return Check(
+            "gpu",
+            "warn",
+            f"{summary}; other processes hold {(total - free) / GIB:.1f} GiB",
+            fix="stop them (nvidia-smi lists them; a ComfyUI server?) or let offload stream blocks",
+            details=details,
+        )
+    return Check("gpu", "ok", summary, details=details)
+
+
+def diagnose_no_gpu(t: TorchFacts, smi: dict, visible: str | None) -> Check:
+    """No GPU visible to torch: which of the usual reasons it is (`visible`: CUDA_VISIBLE_DEVICES)."""
+    details = {"torch_cuda_build": t.cuda_build, "nvidia_smi": smi or None, "CUDA_VISIBLE_DEVICES": visible}
     demo = "(`qwen-edit demo` runs here on the CPU; real edits need a CUDA GPU)"
-    if torch.version.cuda is None and not smi:
+    if t.cuda_build is None and not smi:
         return Check(
             "gpu",
             "error",
@@ -247,7 +281,7 @@ def check_gpu(facts: Facts, device: str | None) -> Check:
             fix=f"run on a GPU machine or pod, with a CUDA build of torch {demo}",
             details=details,
         )
-    if torch.version.cuda is None:
+    if t.cuda_build is None:
         return Check(
             "gpu",
             "error",
@@ -267,17 +301,16 @@ def check_gpu(facts: Facts, device: str | None) -> Check:
         return Check(
             "gpu",
             "error",
-            f"no GPU: torch is built for CUDA {torch.version.cuda} but there is no NVIDIA driver "
-            "(no nvidia-smi)",
+            f"no GPU: torch is built for CUDA {t.cuda_build} but there is no NVIDIA driver (no nvidia-smi)",
             details=details,
             fix=f"start a GPU pod, or run the container with GPUs (docker run --gpus all) {demo}",
         )
     driver_cuda = smi.get("cuda_version")
-    if driver_cuda and _version_tuple(driver_cuda) < _version_tuple(torch.version.cuda):
+    if driver_cuda and cuda_version_tuple(driver_cuda) < cuda_version_tuple(t.cuda_build):
         return Check(
             "gpu",
             "error",
-            f"the driver supports CUDA {driver_cuda}, torch needs {torch.version.cuda}",
+            f"the driver supports CUDA {driver_cuda}, torch needs {t.cuda_build}",
             fix=f"install a torch build for CUDA <= {driver_cuda} "
             "(https://pytorch.org/get-started/locally/), or update the NVIDIA driver",
             details=details,
@@ -291,7 +324,8 @@ def check_gpu(facts: Facts, device: str | None) -> Check:
     )
 
 
-def _version_tuple(text: str) -> tuple[int, ...]:
+def cuda_version_tuple(text: str) -> tuple[int, ...]:
+    """'12.8' -> (12, 8); major and minor only (a driver's '12.8.1' compares as 12.8)."""
     return tuple(int(p) for p in re.findall(r"\d+", text)[:2])
 
 
@@ -315,15 +349,20 @@ def arch_supported(capability: tuple[int, int], arch_list: list[str]) -> bool:
 
 
 def check_nunchaku(facts: Facts) -> Check:
-    import torch
+    from qwen_edit.nunchaku_backend import status
 
-    from qwen_edit.nunchaku_backend import status, version_problem
+    facts.nunchaku = status()
+    return diagnose_nunchaku(facts.nunchaku, facts.device, facts.torch.version, platform.python_version())
 
-    info = facts.device
+
+def diagnose_nunchaku(installed, info, torch_version: str, python_version: str) -> Check:
+    """What the installed Nunchaku (`installed`: nunchaku_backend.NunchakuStatus, from the library's own
+    import check) means on this card (`info`: a DeviceInfo, None without a GPU) and this torch."""
+    from qwen_edit.nunchaku_backend import version_problem
+
     native = info.nunchaku_precision if info is not None else None
     where = f"{info.name} ({info.sm})" if info is not None else "this machine (no CUDA GPU)"
-    installed = facts.nunchaku = status()
-    torch_version = torch.__version__.split("+")[0]
+    torch_release = torch_version.split("+")[0]
     if installed.state == "missing":
         if native is None:
             return Check(
@@ -337,15 +376,15 @@ def check_nunchaku(facts: Facts) -> Check:
             "warn",
             f"not installed, but {where} has Nunchaku {native} kernels; the portable backend "
             "will run instead (dequantized weights: more memory)",
-            fix=f"install the wheel matching torch {torch_version} and Python "
-            f"{platform.python_version()} from {NUNCHAKU_RELEASES} (README, 'Install on a pod')",
+            fix=f"install the wheel matching torch {torch_release} and Python "
+            f"{python_version} from {NUNCHAKU_RELEASES} (README, 'Install on a pod')",
         )
-    if not installed.ok:
+    if not installed.ok:  # broken, or the unrelated PyPI package: the library's words and fix
         message = installed.problem()
         return Check("nunchaku", "error", message.split(": ", 1)[0], fix=message)
     dist = installed.version
     match = re.search(r"torch(\d+\.\d+)", dist or "")
-    torch_mm = ".".join(torch_version.split(".")[:2])
+    torch_mm = ".".join(torch_release.split(".")[:2])
     details = {"version": dist, "built_for_torch": match.group(1) if match else None, "torch": torch_mm}
     if match and match.group(1) != torch_mm:
         return Check(
@@ -366,14 +405,14 @@ def check_nunchaku(facts: Facts) -> Check:
 
 
 def check_models(facts: Facts, configs: list[str] | None, models_dir: str | None) -> list[Check]:
-    from qwen_edit.params import ParameterError
-    from qwen_edit.paths import ModelNotFoundError
+    from qwen_edit.errors import QwenEditError
+    from qwen_edit.paths import safetensors_complete
     from qwen_edit.pipeline import find_tokenizer
     from qwen_edit.settings import load_settings
 
     try:
         settings = load_settings(settings_layers(configs, models_dir))
-    except (OSError, ValueError, ParameterError) as exc:
+    except QwenEditError as exc:
         return [
             Check("models", "error", f"settings: {exc}", fix="check the --config file", exit_code=EXIT_MODEL)
         ]
@@ -384,15 +423,10 @@ def check_models(facts: Facts, configs: list[str] | None, models_dir: str | None
     found: dict = {}
     missing: list[str] = []
     problems: list[str] = []
-    slots = {
-        "transformer": lambda: settings.transformer_path(device),
-        "text_encoder": lambda: settings.folders.resolve("text_encoders", settings.models["text_encoder"]),
-        "vae": lambda: settings.folders.resolve("vae", settings.models["vae"]),
-    }
-    for slot, resolve in slots.items():
+    for slot in ("transformer", "text_encoder", "vae"):  # each on its own: every problem is reported
         try:
-            path = Path(resolve())
-        except (ModelNotFoundError, ValueError) as exc:
+            path = settings.resolve_file(slot, device=device)
+        except QwenEditError as exc:
             missing.append(slot)
             found[slot] = {"found": False, "error": str(exc)}
             continue
@@ -406,12 +440,7 @@ def check_models(facts: Facts, configs: list[str] | None, models_dir: str | None
         found[slot] = entry
     if "text_encoder" in facts.files or settings.models.get("tokenizer"):
         try:
-            name = settings.models.get("tokenizer")
-            tok = (
-                settings.folders.resolve("tokenizers", name)
-                if name
-                else find_tokenizer(facts.files["text_encoder"])
-            )
+            tok = settings.resolve_file("tokenizer") or find_tokenizer(facts.files["text_encoder"])
             found["tokenizer"] = {"found": True, "path": str(tok)}
         except (FileNotFoundError, ValueError, KeyError) as exc:
             missing.append("tokenizer")
@@ -419,8 +448,8 @@ def check_models(facts: Facts, configs: list[str] | None, models_dir: str | None
     elif "text_encoder" in missing:
         missing.append("tokenizer")
         found["tokenizer"] = {"found": False, "error": "looked for beside the text encoder, which is missing"}
-    if "transformer" in facts.files:
-        found["transformer"].update(_transformer_facts(facts.files["transformer"]))
+    if "transformer" in facts.files:  # the library's checkpoint reader, once for every check
+        found["transformer"].update(_transformer_facts(facts, facts.files["transformer"]))
     partials = sorted(
         str(p)
         for kind in ("diffusion_models", "text_encoders", "vae")
@@ -475,13 +504,15 @@ def _download_dir_hint(settings) -> str:
     return str(default if default in bases or not bases else bases[0])
 
 
-def _transformer_facts(path: Path) -> dict:
+def _transformer_facts(facts: Facts, path: Path) -> dict:
     from qwen_edit.svdq.checkpoint import read_checkpoint
 
     try:
-        ckpt = read_checkpoint(path)
+        facts.checkpoint = read_checkpoint(path)
     except Exception as exc:  # reported by the backend check
+        facts.checkpoint_error = str(exc)
         return {"read_error": str(exc)}
+    ckpt = facts.checkpoint
     steps = re.search(r"(\d+)steps", path.name)
     return {
         "precision": ckpt.precision,
@@ -489,26 +520,6 @@ def _transformer_facts(path: Path) -> dict:
         "num_layers": ckpt.num_layers,
         "lightning_steps": int(steps.group(1)) if steps else None,
     }
-
-
-def safetensors_complete(path: Path) -> tuple[bool, str]:
-    """Whether a .safetensors file holds every byte its header promises (a cut-off download doesn't)."""
-    if path.suffix not in (".safetensors", ".sft"):
-        return True, ""
-    size = path.stat().st_size
-    try:
-        with path.open("rb") as fh:
-            (header_len,) = struct.unpack("<Q", fh.read(8))
-            if header_len > min(size, 100 << 20):
-                return False, f"not a safetensors file (header length {header_len})"
-            header = json.loads(fh.read(header_len))
-    except (OSError, struct.error, ValueError) as exc:
-        return False, f"unreadable header ({exc})"
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    expected = 8 + header_len + end
-    if size < expected:
-        return False, f"truncated: {human_bytes(size)} of {human_bytes(expected)} (an interrupted download?)"
-    return True, ""
 
 
 def check_disk(settings, missing: list[str], base: str) -> Check:
@@ -544,17 +555,17 @@ def check_backend(facts: Facts, backend: str, compute: str) -> Check:
 
     info = facts.device or DeviceInfo(torch.device("cpu"), "cpu", None, None)
     transformer = facts.files.get("transformer")
-    if transformer is not None:
-        facts_t = _transformer_facts(transformer)
-        if "read_error" in facts_t:
-            return Check(
-                "backend",
-                "error",
-                f"{transformer.name}: {facts_t['read_error']}",
-                fix="download it again: qwen-edit download",
-                exit_code=EXIT_MODEL,
-            )
-        precision, source = facts_t["precision"], f"the file {transformer.name} is {facts_t['precision']}"
+    if facts.checkpoint_error is not None:
+        return Check(
+            "backend",
+            "error",
+            f"{transformer.name}: {facts.checkpoint_error}",
+            fix="download it again: qwen-edit download",
+            exit_code=EXIT_MODEL,
+        )
+    if facts.checkpoint is not None:
+        precision = facts.checkpoint.precision
+        source = f"the file {transformer.name} is {precision}"
     else:
         precision = info.nunchaku_precision or "int4"
         source = f"no transformer file yet; `qwen-edit download` would fetch {precision} files"
@@ -680,3 +691,33 @@ def render(checks: list[Check], verdict_line: str) -> str:
             lines.append(f"  {'':<7} {'':<{width}}  fix: {c.fix}")
     lines.append(f"verdict: {verdict_line}")
     return "\n".join(lines)
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+
+def cmd_doctor(args, reporter: Reporter) -> int:
+    checks, verdict_line, code = run_doctor(
+        args.config, args.models_dir, args.device, args.backend, args.compute
+    )
+    for check in checks:
+        reporter.event("check", **check.to_dict())
+    data = {
+        "ready": code == 0,
+        "verdict": verdict_line,
+        "exit_code": code,
+        "checks": [c.to_dict() for c in checks],
+    }
+    if not reporter.json_mode:
+        print(render(checks, verdict_line), file=reporter.out, flush=True)
+    if code == 0:
+        return reporter.succeed(data)
+    error = CliError(
+        "not_ready",
+        verdict_line,
+        code,
+        fix="; ".join(f"{c.name}: {c.fix}" for c in checks if c.status == "error" and c.fix),
+    )
+    if reporter.json_mode:
+        return reporter.fail(error, data)
+    return code  # the report above already says what to fix

@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -36,14 +37,13 @@ from dataclasses import dataclass, field
 from http.client import HTTPException
 from pathlib import Path
 
-from .output import EXIT_NETWORK, EXIT_RUNTIME, EXIT_USAGE, CliError
+from qwen_edit.paths import TEXT_ENCODER_FILE, TRANSFORMER_FILE, VAE_FILE
+
+from .output import EXIT_NETWORK, EXIT_RUNTIME, EXIT_USAGE, CliError, Reporter, human_bytes
 
 REPO_TRANSFORMER = "nunchaku-tech/nunchaku-qwen-image-edit-2509"
 REPO_COMFY = "Comfy-Org/Qwen-Image_ComfyUI"
 REPO_TOKENIZER = "Qwen/Qwen-Image-Edit-2509"
-TRANSFORMER_FILE = "svdq-{precision}_r{rank}-qwen-image-edit-2509-lightningv2.0-{steps}steps.safetensors"
-TEXT_ENCODER_FILE = "qwen_2.5_vl_7b_fp8_scaled.safetensors"
-VAE_FILE = "qwen_image_vae.safetensors"
 TOKENIZER_TARGET = "text_encoders/tokenizer"  # pipeline.find_tokenizer looks beside the encoder
 TOKENIZER_REQUIRED = ("vocab.json", "merges.txt")
 # Approximate sizes for planning disk space without the network (doctor): the hub's files (Comfy-Org/
@@ -83,7 +83,7 @@ class RemoteFile:
             "target": self.target,
             "kind": self.kind,
             "size": self.size,
-            "sha256": self.etag if _is_sha256(self.etag) else None,
+            "sha256": self.etag if is_sha256(self.etag) else None,
             "status": self.status,
             "local_bytes": self.local_bytes,
         }
@@ -271,8 +271,6 @@ def check_disk(files: list[RemoteFile], models_dir: Path) -> int:
     needed = sum((f.size or 0) - f.local_bytes for f in files if f.status != "present")
     free = free_bytes(models_dir)
     if needed > free:
-        from .output import human_bytes
-
         raise CliError(
             "insufficient_disk",
             f"{human_bytes(needed)} still to download but only {human_bytes(free)} free at {models_dir}",
@@ -423,7 +421,7 @@ def _transfer(
         raise _Retryable(f"connection closed after {done} of {f.size} bytes")
 
 
-def _is_sha256(etag: str | None) -> bool:
+def is_sha256(etag: str | None) -> bool:
     return etag is not None and re.fullmatch(r"[0-9a-f]{64}", etag) is not None
 
 
@@ -438,7 +436,7 @@ def sha256_file(path: Path) -> str:
 def verify_checksum(f: RemoteFile, path: Path) -> bool:
     """Compare a finished download with the hub's sha256 (the etag of LFS files); a mismatch deletes it
     and raises. False when the hub gives no sha256 (small git files: checked by size only)."""
-    if not _is_sha256(f.etag):
+    if not is_sha256(f.etag):
         return False
     actual = sha256_file(path)
     if actual != f.etag:
@@ -455,7 +453,7 @@ def verify_checksum(f: RemoteFile, path: Path) -> bool:
 def check_present(files: list[RemoteFile], models_dir: Path) -> None:
     """--checksum: files present at the right size are hashed; a mismatch is fetched again."""
     for f in files:
-        if f.status == "present" and _is_sha256(f.etag):
+        if f.status == "present" and is_sha256(f.etag):
             if sha256_file(models_dir / f.target) == f.etag:
                 f.extra["sha256_verified"] = True
             else:
@@ -468,3 +466,138 @@ def validate_choices(ranks: list[int], steps: list[int]) -> None:
         raise CliError(
             "bad_parameter", f"unsupported value {bad[0]}: --rank takes 32/128, --steps 4/8", EXIT_USAGE
         )
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+
+def cmd_download(args, reporter: Reporter) -> int:
+    from .locations import default_download_dir
+
+    validate_choices(args.rank, args.steps)
+    models_dir = Path(args.models_dir).expanduser().absolute() if args.models_dir else default_download_dir()
+    precision, why = resolve_precision(args.precision, args.device)
+    files = planned_files(precision, sorted(set(args.rank), reverse=True), sorted(set(args.steps)))
+    fetch_metadata(files)  # HEADs first: they fail fast (no retries) when the hub is unreachable
+    if not args.no_tokenizer:
+        tokenizer = list_tokenizer()
+        fetch_metadata(tokenizer)
+        files.extend(tokenizer)
+    inspect_local(files, models_dir)
+    if args.checksum:
+        check_present(files, models_dir)
+    to_fetch = [f for f in files if f.status != "present"]
+    needed = sum((f.size or 0) - f.local_bytes for f in to_fetch)
+    free = free_bytes(models_dir)
+    reporter.event(
+        "plan",
+        models_dir=str(models_dir),
+        precision=precision,
+        reason=why,
+        files=[f.to_dict() for f in files],
+        bytes_to_fetch=needed,
+        free_bytes=free,
+    )
+    reporter.note(f"models folder: {models_dir}\nprecision: {precision} ({why})")
+    width = max(len(f.target) for f in files)
+    for f in files:
+        state = {
+            "present": "present",
+            "missing": "to fetch",
+            "size_mismatch": "wrong size, to fetch again",
+            "corrupt": "sha256 mismatch, to fetch again",
+            "partial": f"partial ({human_bytes(f.local_bytes)}), to resume",
+        }[f.status]
+        reporter.say(f"  {f.target:<{width}}  {human_bytes(f.size):>10}  {state:<12}  <- {f.repo}/{f.path}")
+    reporter.say(f"{human_bytes(needed)} to fetch, {human_bytes(free)} free")
+    if args.dry_run:
+        for f in to_fetch:
+            f.status = "would_download"
+        return reporter.succeed(
+            {
+                "dry_run": True,
+                "models_dir": str(models_dir),
+                "precision": precision,
+                "reason": why,
+                "files": [f.to_dict() for f in files],
+                "bytes_to_fetch": needed,
+                "free_bytes": free,
+            }
+        )
+    check_disk(files, models_dir)
+    total_done = 0
+    for f in files:
+        if f.status == "present":
+            verified = bool(f.extra.get("sha256_verified"))
+            reporter.event(
+                "skipped", target=f.target, size=f.size, reason="present", sha256_verified=verified
+            )
+            continue
+        start = time.monotonic()
+        reporter.event(
+            "download_start",
+            target=f.target,
+            repo=f.repo,
+            path=f.path,
+            size=f.size,
+            resume_from=f.local_bytes,
+        )
+        if not sys.stderr.isatty():  # no progress bar: say what is going on
+            reporter.note(f"fetching {f.target} ({human_bytes(f.size)}) from {f.repo} ...")
+        with _DownloadProgress(reporter, f) as progress:
+            download_file(f, models_dir, progress=progress, retries=args.retries, checksum=args.checksum)
+        seconds = time.monotonic() - start
+        total_done += f.size - f.local_bytes
+        f.status = "downloaded"
+        reporter.event(
+            "download_done",
+            target=f.target,
+            size=f.size,
+            seconds=round(seconds, 3),
+            sha256_verified=args.checksum and is_sha256(f.etag),
+        )
+        reporter.note(f"fetched {f.target} ({human_bytes(f.size)}, {seconds:.1f} s)")
+    reporter.say(f"done: {len(files)} files in {models_dir}")
+    return reporter.succeed(
+        {
+            "models_dir": str(models_dir),
+            "precision": precision,
+            "reason": why,
+            "files": [f.to_dict() for f in files],
+            "bytes_fetched": total_done,
+        }
+    )
+
+
+class _DownloadProgress:
+    """A byte progress bar on a terminal, throttled `download_progress` events with --json."""
+
+    def __init__(self, reporter: Reporter, f):
+        self.reporter, self.f, self.bar, self.last = reporter, f, None, 0.0
+
+    def __enter__(self):
+        if not self.reporter.json_mode and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=self.f.size,
+                initial=self.f.local_bytes,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=Path(self.f.target).name[-40:],
+                file=sys.stderr,
+            )
+        return self.update
+
+    def update(self, f, done: int) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+        now = time.monotonic()
+        if done >= (f.size or 0) or now - self.last >= 0.5:
+            self.last = now
+            self.reporter.event("download_progress", target=f.target, bytes=done, size=f.size)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()

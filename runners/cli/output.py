@@ -34,6 +34,40 @@ EXIT_CODES = {
 }
 
 
+# The library's error kinds (qwen_edit.errors.KINDS) -> (error code, exit code, fix). `cli_error` is
+# the only place the CLI looks at what the library raised.
+KIND_ERRORS = {
+    "parameter": ("bad_parameter", EXIT_USAGE, None),
+    "config": ("bad_config", EXIT_USAGE, None),
+    "config_not_found": (
+        "config_not_found",
+        EXIT_USAGE,
+        "check the --config path (the presets are in the repository's configs/)",
+    ),
+    "unsafe_name": ("bad_model_name", EXIT_USAGE, None),
+    "model_not_found": ("model_not_found", EXIT_MODEL, "qwen-edit download; qwen-edit doctor"),
+    "model_format": (
+        "model_invalid",
+        EXIT_MODEL,
+        "download the file again (qwen-edit download) or check which file this is",
+    ),
+    "lora": ("model_invalid", EXIT_MODEL, "use a LoRA trained for Qwen-Image in a supported format"),
+    "hardware": ("unsupported_hardware", EXIT_RUNTIME, "qwen-edit doctor"),
+    "nunchaku_unavailable": ("missing_dependency", EXIT_RUNTIME, "qwen-edit doctor"),
+    "dependency": ("missing_dependency", EXIT_RUNTIME, "qwen-edit doctor"),
+    "out_of_memory": (
+        "out_of_memory",
+        EXIT_RUNTIME,
+        "--offload enable --num-blocks-on-gpu N --pin-memory, or a smaller size/batch",
+    ),
+    "cuda_error": ("runtime_error", EXIT_RUNTIME, "qwen-edit doctor"),
+    "runtime": ("runtime_error", EXIT_RUNTIME, "qwen-edit doctor"),
+    "storage": ("runtime_error", EXIT_RUNTIME, None),  # the CLI uses no object storage
+    "cancelled": ("cancelled", EXIT_CANCELLED, None),
+    "internal": ("internal_error", EXIT_INTERNAL, None),
+}
+
+
 class CliError(Exception):
     """A failure with a stable `code` (for `--json` consumers), an exit code, and how to fix it."""
 
@@ -54,6 +88,35 @@ class CliError(Exception):
         if self.details:
             out["details"] = self.details
         return out
+
+
+def cli_error(
+    exc: BaseException, *, prefix: str = "", fix: str | None = None, details: dict | None = None
+) -> CliError:
+    """Any exception as a CliError: the CLI's own as they are, the library's by kind (KIND_ERRORS).
+
+    `prefix` says where (a batch line: "jobs.txt:3: "), `fix` replaces the table's, `details` adds to
+    what the error carries (the bad parameter's `field`, an out-of-memory `suggestion`).
+    """
+    if isinstance(exc, CliError):
+        return exc
+    from qwen_edit.errors import kind_of  # not at import: `qwen-edit --version` needs no library
+
+    kind = kind_of(exc)
+    code, exit_code, default_fix = KIND_ERRORS[kind]
+    message = f"{type(exc).__name__}: {exc}" if kind in ("cuda_error", "runtime", "internal") else str(exc)
+    extra: dict = {}
+    if kind in ("parameter", "config") and getattr(exc, "field", None):
+        extra["field"] = exc.field
+    if getattr(exc, "suggestion", None) is not None:
+        extra["suggestion"] = exc.suggestion
+    return CliError(
+        code,
+        prefix + message,
+        exit_code,
+        fix=fix or default_fix,
+        details={**extra, **(details or {})} or None,
+    )
 
 
 class Reporter:
