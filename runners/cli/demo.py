@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+
+from PIL import Image
+
 from .edit import PARAM_FLAGS, build_jobs, execute
 from .output import Reporter, cli_error
 
@@ -11,7 +15,7 @@ DEMO_NOTE = (
 )
 
 
-def cmd_demo(args, reporter: Reporter) -> int:
+def cmd_demo(args: argparse.Namespace, reporter: Reporter) -> int:
     """The demo's files as the settings (written once into --cache-dir), one job on a generated picture."""
     from qwen_edit.errors import QwenEditError
     from qwen_edit.settings import demo_settings, resolve_spec
@@ -34,9 +38,9 @@ def cmd_demo(args, reporter: Reporter) -> int:
     return code
 
 
-def demo_picture():
+def demo_picture() -> Image.Image:
     """A small synthetic input (sky, sun, ground), so the demo needs no file."""
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
 
     image = Image.new("RGB", (192, 128), (110, 160, 220))
     draw = ImageDraw.Draw(image)

@@ -9,6 +9,7 @@ Nothing heavy is loaded: safetensors headers and file sizes only.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -17,9 +18,14 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .locations import RUNPOD_ROOTS, settings_layers
 from .output import EXIT_MODEL, EXIT_OK, EXIT_RUNTIME, CliError, Reporter, human_bytes
+
+if TYPE_CHECKING:  # the library loads when a check needs it
+    from qwen_edit.hardware import DeviceInfo
+    from qwen_edit.nunchaku_backend import NunchakuStatus
 
 NUNCHAKU_RELEASES = "https://github.com/nunchaku-tech/nunchaku/releases"
 TORCH_CUDA_INDEX = "https://download.pytorch.org/whl/cu128"
@@ -231,7 +237,7 @@ def check_gpu(facts: Facts, device: str | None) -> Check:
     return diagnose_gpu(info, facts.torch, facts.smi, free, total)
 
 
-def diagnose_gpu(info, t: TorchFacts, smi: dict, free: int, total: int) -> Check:
+def diagnose_gpu(info: DeviceInfo, t: TorchFacts, smi: dict, free: int, total: int) -> Check:
     """A GPU torch sees (`info`: qwen_edit.hardware.DeviceInfo): kernels for its SM, memory in use."""
     driver = smi["gpus"][0]["driver"] if smi.get("gpus") else "?"
     details = {
@@ -355,7 +361,9 @@ def check_nunchaku(facts: Facts) -> Check:
     return diagnose_nunchaku(facts.nunchaku, facts.device, facts.torch.version, platform.python_version())
 
 
-def diagnose_nunchaku(installed, info, torch_version: str, python_version: str) -> Check:
+def diagnose_nunchaku(
+    installed: NunchakuStatus, info: DeviceInfo | None, torch_version: str, python_version: str
+) -> Check:
     """What the installed Nunchaku (`installed`: nunchaku_backend.NunchakuStatus, from the library's own
     import check) means on this card (`info`: a DeviceInfo, None without a GPU) and this torch."""
     from qwen_edit.nunchaku_backend import version_problem
@@ -696,7 +704,7 @@ def render(checks: list[Check], verdict_line: str) -> str:
 # -- the command ---------------------------------------------------------------------------------
 
 
-def cmd_doctor(args, reporter: Reporter) -> int:
+def cmd_doctor(args: argparse.Namespace, reporter: Reporter) -> int:
     checks, verdict_line, code = run_doctor(
         args.config, args.models_dir, args.device, args.backend, args.compute
     )

@@ -21,6 +21,7 @@ place, so a file at a target path is always complete.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import hashlib
 import json
@@ -471,7 +472,7 @@ def validate_choices(ranks: list[int], steps: list[int]) -> None:
 # -- the command ---------------------------------------------------------------------------------
 
 
-def cmd_download(args, reporter: Reporter) -> int:
+def cmd_download(args: argparse.Namespace, reporter: Reporter) -> int:
     from .locations import default_download_dir
 
     validate_choices(args.rank, args.steps)

@@ -10,6 +10,7 @@ images, the batch file, the output template, the model files (resolved by the li
 
 from __future__ import annotations
 
+import argparse
 import json
 import secrets
 import string
@@ -18,8 +19,14 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .output import EXIT_INTERNAL, EXIT_USAGE, CliError, Reporter, cli_error
+
+if TYPE_CHECKING:  # the library loads when a command needs it, not for --help
+    from qwen_edit.errors import QwenEditError
+    from qwen_edit.pipeline import QwenEditPipeline
+    from qwen_edit.settings import PipelineSpec, Settings
 
 # Edit parameters: CLI flag dest -> EditParams field.
 PARAM_FLAGS = {
@@ -239,7 +246,7 @@ def _template_fields(template: str) -> set[str]:
 FILE_FLAGS = ("transformer", "text_encoder", "vae", "tokenizer")  # flag dest = the library's slot name
 
 
-def load_cli_settings(args):
+def load_cli_settings(args: argparse.Namespace) -> Settings:
     """Settings from --config/--models-dir; a bad or missing settings file is a usage error (2)."""
     from qwen_edit.errors import QwenEditError
     from qwen_edit.settings import load_settings
@@ -252,23 +259,23 @@ def load_cli_settings(args):
         raise cli_error(exc, prefix="settings: " if exc.kind == "config" else "") from exc
 
 
-def cli_spec(args, settings):
+def cli_spec(args: argparse.Namespace, settings: Settings) -> PipelineSpec:
     """The PipelineSpec for this run: the settings, with the command line's files and options on top
     (a file flag or --lora is a path, or a name in its folder). The demo's files are its own."""
     from qwen_edit.errors import QwenEditError
     from qwen_edit.settings import resolve_spec
 
-    overrides = {} if args.demo else {slot: getattr(args, slot, None) for slot in FILE_FLAGS}
-    if not args.demo:
-        overrides["backend"] = args.backend
-    compute = None if args.compute == "auto" else args.compute
+    if args.demo:  # the demo's own files and backend; "auto" compute is its bf16
+        overrides = {"compute": None if args.compute == "auto" else args.compute}
+    else:
+        overrides = {slot: getattr(args, slot, None) for slot in FILE_FLAGS}
+        overrides.update(backend=args.backend, compute=args.compute)
     try:
         return resolve_spec(
             settings,
             **overrides,
             loras=[parse_lora(spec) for spec in args.lora] if args.lora else None,
             device=args.device,
-            compute=compute,
             cpu_offload=args.offload,
             num_blocks_on_gpu=args.num_blocks_on_gpu,
             use_pin_memory=args.pin_memory,
@@ -279,7 +286,7 @@ def cli_spec(args, settings):
         raise model_error(exc, args) from exc
 
 
-def job_loras(job: Job, settings, args) -> None:
+def job_loras(job: Job, settings: Settings, args: argparse.Namespace) -> None:
     """A batch line's own LoRAs, resolved as --lora is."""
     from qwen_edit.errors import QwenEditError
     from qwen_edit.settings import resolve_lora
@@ -293,7 +300,7 @@ def job_loras(job: Job, settings, args) -> None:
         raise model_error(exc, args) from exc
 
 
-def model_error(exc, args) -> CliError:
+def model_error(exc: QwenEditError, args: argparse.Namespace) -> CliError:
     """A file the settings or flags name is missing: say how to get it (`qwen-edit download` fetches
     the models, not LoRAs)."""
     fix = None
@@ -303,7 +310,7 @@ def model_error(exc, args) -> CliError:
     return cli_error(exc, fix=fix)
 
 
-def download_fix(args) -> str:
+def download_fix(args: argparse.Namespace) -> str:
     where = f" --models-dir {args.models_dir}" if getattr(args, "models_dir", None) else ""
     return f"qwen-edit download{where} (fetches the model files), or `qwen-edit doctor` to see what is where"
 
@@ -409,7 +416,7 @@ def run_one(pipe, job: Job, n_jobs: int, reporter: Reporter):
 # -- the command ---------------------------------------------------------------------------------
 
 
-def cmd_edit(args, reporter: Reporter) -> int:
+def cmd_edit(args: argparse.Namespace, reporter: Reporter) -> int:
     if args.demo:
         from qwen_edit.settings import demo_settings
 
@@ -427,7 +434,13 @@ def cmd_edit(args, reporter: Reporter) -> int:
     return execute(args, spec, jobs, reporter)
 
 
-def execute(args, spec, jobs: list[Job], reporter: Reporter, extra: dict | None = None) -> int:
+def execute(
+    args: argparse.Namespace,
+    spec: PipelineSpec,
+    jobs: list[Job],
+    reporter: Reporter,
+    extra: dict | None = None,
+) -> int:
     """The plan event; then (unless --dry-run) load once, run every job, and the envelope."""
     if spec.demo:
         files = {"demo": True, "loras": [[str(lora.path), lora.strength] for lora in spec.loras]}
@@ -465,7 +478,7 @@ def execute(args, spec, jobs: list[Job], reporter: Reporter, extra: dict | None 
     return reporter.succeed(data)
 
 
-def load_pipeline(spec, reporter: Reporter):
+def load_pipeline(spec: PipelineSpec, reporter: Reporter) -> QwenEditPipeline:
     from qwen_edit import QwenEditPipeline
 
     reporter.event("loading", demo=spec.demo)
