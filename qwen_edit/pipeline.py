@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from . import conditioning, offload, prefetch
-from .errors import GPUOutOfMemoryError
+from .errors import GPUOutOfMemoryError, ModelNotFoundError
 from .hardware import default_device
 from .lora import LoraReport, apply_loras
 from .model import comfy_forward
@@ -558,8 +558,9 @@ def find_tokenizer(text_encoder: Path) -> Path:
             return snapshot / "tokenizer"
     except Exception:  # not cached (or no hub access): fall through to the error below
         pass
-    raise FileNotFoundError(
+    raise ModelNotFoundError(  # a FileNotFoundError, as it has always been
         f"no Qwen2.5 tokenizer found beside {text_encoder} (looked for qwen25_tokenizer/ and tokenizer/ "
         "holding vocab.json and merges.txt) nor in the Hugging Face cache. Pass tokenizer=<folder>, or run "
-        "`qwen-edit download`, which fetches Qwen/Qwen-Image-Edit-2509's tokenizer/ folder."
+        "`qwen-edit download`, which fetches Qwen/Qwen-Image-Edit-2509's tokenizer/ folder.",
+        field="tokenizer",
     )
