@@ -36,9 +36,8 @@ from torch import nn
 
 from .nunchaku_backend import MAX_RANK as NUNCHAKU_MAX_RANK
 from .svdq import layout
-from .svdq.checkpoint import AWQ_LAYERS, SVDQ_LAYERS
+from .svdq.checkpoint import AWQ_LAYERS, FUSED_PARTS, SVDQ_LAYERS
 from .svdq.layers import DequantizedLinear
-from .svdq.quantize import FUSED_PARTS
 
 log = logging.getLogger(__name__)
 

@@ -198,7 +198,7 @@ class QwenEditPipeline:
 
         Runs the whole path on a CPU in seconds; the images are noise, the code path is the real one.
         """
-        from .demo import DEMO_OUTPUT_MEGAPIXELS, DEMO_REFERENCE_AREA, demo_files
+        from .testing.demo import DEMO_OUTPUT_MEGAPIXELS, DEMO_REFERENCE_AREA, demo_files
 
         files = demo_files(cache_dir)
         pipe = cls.from_files(**files, device=device, backend="portable", compute=compute, compile=compile)

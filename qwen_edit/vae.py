@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -33,7 +32,6 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKLQwenImage
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "qwen_image_vae.json"
 
@@ -553,49 +551,3 @@ def _decode_tiled(vae, raw: torch.Tensor, tile: int, overlap: int) -> torch.Tens
             out[..., y * f : y * f + th, x * f : x * f + tw] += part * mask
             weights[y * f : y * f + th, x * f : x * f + tw] += mask
     return out / weights
-
-
-# ------------------------------------------------------------------------------------------- test files
-
-
-def write_comfy_vae(
-    path: str | Path,
-    *,
-    base_dim: int = 8,
-    seed: int = 0,
-    dtype: torch.dtype = torch.bfloat16,
-    diffusers_dir: str | Path | None = None,
-) -> Path:
-    """Write a small random Qwen-Image VAE in ComfyUI's format: the real file's 194 names, only narrower.
-
-    Same structure as `qwen_image_vae.safetensors` (z_dim 16, dim_mult [1,2,4,4], 2 res blocks) with every
-    width of 96 scaled to `base_dim`; all tensors in `dtype` (the real file is all bf16), no metadata. The
-    weights are drawn from a CPU generator seeded with `seed` (the global RNG is untouched), scaled so that
-    activations stay O(1). With `diffusers_dir`, the same weights are also saved there in diffusers' own
-    layout (save_pretrained: config.json + diffusion_pytorch_model.safetensors). Returns `path`.
-    """
-    config = vae_config()
-    config["base_dim"] = base_dim
-    model = build_vae(config)
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, meta in model.state_dict().items():
-        shape = tuple(meta.shape)
-        if name.endswith(".gamma"):
-            value = 1.0 + 0.1 * torch.randn(shape, generator=generator)
-        elif name.endswith(".bias"):
-            value = 0.05 * torch.randn(shape, generator=generator)
-        else:
-            # Uniform with variance 1/fan_in: each conv roughly keeps the scale of its input.
-            bound = math.sqrt(3.0 / math.prod(shape[1:]))
-            value = (torch.rand(shape, generator=generator) * 2 - 1) * bound
-        tensors[name] = value.to(dtype).contiguous()
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    names = {diffusers: comfy for comfy, diffusers in comfy_key_map(model).items()}
-    save_file({names[name]: value for name, value in tensors.items()}, str(path))
-    if diffusers_dir is not None:
-        model.load_state_dict(tensors, strict=True, assign=True)
-        model.save_pretrained(str(diffusers_dir), safe_serialization=True)
-    return path

@@ -7,7 +7,7 @@ import torch
 from twins import with_text_lengths
 
 from qwen_edit import fp8
-from qwen_edit.tiny import write_tiny_transformer
+from qwen_edit.testing.transformer import write_tiny_transformer
 from qwen_edit.transformer import load_transformer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -55,7 +55,8 @@ def test_tiny_model_on_gpu_matches_cpu(tmp_path, precision, compute):
 
 @torch.no_grad()
 def test_fp8_text_encoder_on_gpu_matches_cpu(tmp_path):
-    from qwen_edit.text_encoder import encode_tokens, load_text_encoder, write_comfy_text_encoder
+    from qwen_edit.testing.text_encoder import write_comfy_text_encoder
+    from qwen_edit.text_encoder import encode_tokens, load_text_encoder
 
     path = tmp_path / "te.safetensors"
     config = write_comfy_text_encoder(path)

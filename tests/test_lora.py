@@ -12,8 +12,8 @@ from twins import dense_twin, forward_inputs
 
 from qwen_edit import lora as lora_mod
 from qwen_edit.lora import LoraError, apply_loras, parse_lora_state_dict, read_lora
-from qwen_edit.svdq import layout, quantize_awq_linear, quantize_svdq_linear, svdq_dense
-from qwen_edit.tiny import write_tiny_transformer
+from qwen_edit.svdq import layout, svdq_dense
+from qwen_edit.testing.transformer import quantize_awq_linear, quantize_svdq_linear, write_tiny_transformer
 from qwen_edit.transformer import load_transformer
 
 RANK = 4

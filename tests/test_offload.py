@@ -14,7 +14,7 @@ from qwen_edit.lora import apply_loras
 from qwen_edit.model import comfy_forward
 from qwen_edit.offload import ACTIVATION_BYTES, GIB, plan_offload, set_block_offload
 from qwen_edit.pipeline import GPUOutOfMemoryError
-from qwen_edit.tiny import write_tiny_transformer
+from qwen_edit.testing.transformer import write_tiny_transformer
 from qwen_edit.transformer import load_transformer
 
 

@@ -14,10 +14,14 @@ from twins import dense_twin, forward_inputs
 from qwen_edit.hardware import DeviceInfo, UnsupportedHardwareError
 from qwen_edit.model import build_model
 from qwen_edit.nunchaku_backend import NunchakuStatus
-from qwen_edit.svdq import expected_tensors, quantize_svdq_linear, read_checkpoint, svdq_dense
-from qwen_edit.svdq.checkpoint import _DTYPES, CheckpointError
-from qwen_edit.svdq.quantize import FUSED_PARTS
-from qwen_edit.tiny import TINY_TRANSFORMER_CONFIG, tiny_reference_transformer, write_tiny_transformer
+from qwen_edit.svdq import expected_tensors, read_checkpoint, svdq_dense
+from qwen_edit.svdq.checkpoint import _DTYPES, FUSED_PARTS, CheckpointError
+from qwen_edit.testing.transformer import (
+    TINY_TRANSFORMER_CONFIG,
+    quantize_svdq_linear,
+    tiny_reference_transformer,
+    write_tiny_transformer,
+)
 from qwen_edit.transformer import (
     NunchakuUnavailableError,
     choose_backend,

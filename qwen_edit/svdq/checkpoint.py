@@ -43,6 +43,11 @@ SVDQ_LAYERS = (
     ("txt_mlp.net.2", "D", "F"),
 )
 FUSED_QKV = ("attn.to_qkv", "attn.add_qkv_proj")
+# Diffusers' unfused projections that make up Nunchaku's fused layers, in the fused output order.
+FUSED_PARTS = {
+    "attn.to_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "attn.add_qkv_proj": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+}
 AWQ_LAYERS = ("img_mod.1", "txt_mod.1")  # Linear(D -> 6D), W4A16
 BLOCK_NORMS = ("attn.norm_q", "attn.norm_k", "attn.norm_added_q", "attn.norm_added_k")
 # Tensors that files may omit: nunchaku fills a missing wcscales with ones and wtscale defaults to 1;
