@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from .hardware import DeviceInfo
-from .svdq.checkpoint import CheckpointError, SVDQCheckpoint, check_tensors, expected_tensors, few
+from .header import few
+from .svdq.checkpoint import CheckpointError, SVDQCheckpoint, check_tensors, expected_tensors
 
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .fp8 import FP8, fp8_linear, quantize_weight_per_channel
 from .hardware import describe_device
+from .header import HeaderError, few, read_header
 
 if TYPE_CHECKING:
     from transformers import Qwen2_5_VLConfig
@@ -222,11 +223,6 @@ def model_param_name(file_key: str) -> str | None:
     return None
 
 
-def _few(names: Sequence[str], n: int = 5) -> str:
-    names = list(names)
-    return ", ".join(names[:n]) + (f", ... (+{len(names) - n} more)" if len(names) > n else "")
-
-
 def plan_load(model: nn.Module, specs: dict[str, TensorSpec], source: str = "the file") -> LoadPlan:
     """Match every file tensor to a parameter (strict both ways), or raise TextEncoderFileError."""
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
@@ -279,11 +275,11 @@ def plan_load(model: nn.Module, specs: dict[str, TensorSpec], source: str = "the
         elif scale_key is not None and specs[scale_key][1] not in ((), (1,), expected[f"{owner}.weight"][:1]):
             problems.append(f"{scale_key} has shape {list(specs[scale_key][1])}; expected [] or [out]")
     if unexpected:
-        problems.insert(0, f"{len(unexpected)} file tensors match no model parameter: {_few(unexpected)}")
+        problems.insert(0, f"{len(unexpected)} file tensors match no model parameter: {few(unexpected)}")
     if missing:
-        problems.insert(0, f"{len(missing)} model parameters are not in the file: {_few(missing)}")
+        problems.insert(0, f"{len(missing)} model parameters are not in the file: {few(missing)}")
     if wrong_shape:
-        problems.insert(0, f"{len(wrong_shape)} tensors have the wrong shape: {_few(wrong_shape, 3)}")
+        problems.insert(0, f"{len(wrong_shape)} tensors have the wrong shape: {few(wrong_shape, 3)}")
     if problems:
         hidden = expected["language_model.norm.weight"][0]
         raise TextEncoderFileError(
@@ -357,23 +353,18 @@ class _Source:
 
 
 def _read_headers(files: Sequence[Path]) -> tuple[dict[str, TensorSpec], dict[str, Path]]:
-    from safetensors import safe_open
-
     specs: dict[str, TensorSpec] = {}
     where: dict[str, Path] = {}
     for file in files:
         try:
-            handle = safe_open(str(file), framework="pt")
-        except Exception as exc:  # safetensors raises its own error types for other formats
+            header = read_header(file)
+        except HeaderError as exc:
             raise TextEncoderFileError(
-                f"{file} is not a readable .safetensors file ({exc}). Expected {EXPECTED_FILES}; "
-                "GGUF and .ckpt/.bin text encoders are not supported."
+                f"{exc}. Expected {EXPECTED_FILES}; GGUF and .ckpt/.bin text encoders are not supported."
             ) from exc
-        with handle as f:
-            for key in f.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
-                piece = f.get_slice(key)
-                specs[key] = (piece.get_dtype(), tuple(piece.get_shape()))
-                where[key] = file
+        for key, tensor in header.tensors.items():
+            specs[key] = (tensor.dtype, tensor.shape)
+            where[key] = file
     return specs, where
 
 
@@ -402,7 +393,7 @@ def _open_folder(folder: Path) -> _Source:
         if absent:
             raise FileNotFoundError(
                 f"{folder} lists {len(shards)} weight shards in {index.name} but {len(absent)} are missing: "
-                f"{_few(absent)}. Download the whole text_encoder/ folder of Qwen/Qwen-Image-Edit-2509."
+                f"{few(absent)}. Download the whole text_encoder/ folder of Qwen/Qwen-Image-Edit-2509."
             )
         files = [folder / s for s in shards]
     else:
