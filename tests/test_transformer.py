@@ -16,7 +16,7 @@ from qwen_edit.header import DTYPES
 from qwen_edit.model import build_model
 from qwen_edit.nunchaku_backend import NunchakuStatus
 from qwen_edit.svdq import expected_tensors, read_checkpoint, svdq_dense
-from qwen_edit.svdq.checkpoint import FUSED_PARTS, CheckpointError
+from qwen_edit.svdq.checkpoint import FUSED_PARTS, CheckpointError, quantized_layer_kinds
 from qwen_edit.testing.transformer import (
     TINY_TRANSFORMER_CONFIG,
     quantize_svdq_linear,
@@ -28,7 +28,6 @@ from qwen_edit.transformer import (
     choose_backend,
     choose_compute,
     load_transformer,
-    quantized_layer_kinds,
 )
 
 MANIFESTS = ["svdq_fp4_r128", "svdq_fp4_r32", "svdq_int4_r128", "svdq_int4_r32"]

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from ..header import DTYPES, HeaderError, few, read_header
+from .layers import INT4_FC2_SHIFT
 
 # Qwen-Image-Edit-2509's transformer config, for files that carry no `config` metadata.
 DEFAULT_CONFIG = {
@@ -137,6 +138,19 @@ def check_tensors(found: dict[str, TensorSpec], expected: dict[str, TensorSpec])
     if wrong:
         problems.append(f"{len(wrong)} tensors with the wrong shape or dtype: {few(wrong, 3)}")
     return problems
+
+
+def quantized_layer_kinds(num_layers: int, precision: str) -> dict[str, tuple[str, float]]:
+    """{file prefix: (kind, act_shift)} for every quantized layer of a model with `num_layers` blocks."""
+    kinds = {}
+    for i in range(num_layers):
+        block = f"transformer_blocks.{i}"
+        for name, _, _ in SVDQ_LAYERS:
+            shift = INT4_FC2_SHIFT if precision == "int4" and name.endswith("mlp.net.2") else 0.0
+            kinds[f"{block}.{name}"] = ("svdq", shift)
+        for name in AWQ_LAYERS:
+            kinds[f"{block}.{name}"] = ("awq", 0.0)
+    return kinds
 
 
 class CheckpointError(ValueError):
