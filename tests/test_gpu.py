@@ -28,6 +28,26 @@ def test_scaled_mm_matches_the_emulated_fp8_product():
     assert (y_gpu.float() - y_ref).abs().max() < 1e-2 * y_ref.abs().max()
 
 
+def test_fast_accumulation_reaches_the_gemm_only_inside_its_block(monkeypatch):
+    if not fp8.fp8_supported("cuda"):
+        pytest.skip("no fp8 tensor cores on this GPU")
+    seen = []
+    scaled_mm = torch._scaled_mm
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["use_fast_accum"])
+        return scaled_mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", recording)
+    x = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16)
+    codes, scale = fp8.quantize_weight_per_channel(torch.randn(32, 64, device="cuda"))
+    fp8.fp8_linear(x, codes, scale)
+    with fp8.fast_accumulation(False):
+        fp8.fp8_linear(x, codes, scale)
+    fp8.fp8_linear(x, codes, scale)
+    assert seen == [True, False, True]
+
+
 @pytest.mark.parametrize("precision", ["int4", "fp4"])
 @pytest.mark.parametrize("compute", ["bf16", "fp8"])
 @torch.no_grad()
