@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from .hardware import DeviceInfo
-from .svdq.checkpoint import CheckpointError, SVDQCheckpoint, check_tensors, expected_tensors, few
+from .header import few
+from .svdq.checkpoint import CheckpointError, SVDQCheckpoint, check_tensors, expected_tensors
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ def _version_tuple(version: str | None) -> tuple[int, ...]:
     return tuple(int(n) for n in match.group(0).split(".")) if match else (0,)
 
 
+# Once per process (a single entry): importing Nunchaku loads its CUDA extension, and what it gives
+# cannot change while the process runs. Tests that fake an installation call status.cache_clear().
 @functools.cache
 def status() -> NunchakuStatus:
     """Import Nunchaku once and say how that went. The root logger is left as it was: Nunchaku's

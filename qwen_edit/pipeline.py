@@ -28,6 +28,7 @@ from .model import comfy_forward
 from .offload import OffloadPlan
 from .params import MAX_IMAGES, EditParams, ParameterError
 from .sampling import SamplingCancelled, needs_uncond, sample, x0_from_flow
+from .svdq.checkpoint import read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +141,8 @@ class QwenEditPipeline:
         clock.done("imports")
         device = torch.device(device) if device is not None else default_device()
         tokenizer_path = tokenizer if tokenizer is not None else find_tokenizer(Path(text_encoder))
-        sizes = offload.file_sizes(
-            transformer, text_encoder, vae, device=device, backend=backend, compute=compute
-        )
+        ckpt = read_checkpoint(transformer)  # the header, read once: planning and loading share it
+        sizes = offload.file_sizes(ckpt, text_encoder, vae, device=device, backend=backend, compute=compute)
         plan = offload.plan_offload(
             cpu_offload=cpu_offload, num_blocks_on_gpu=num_blocks_on_gpu, use_pin_memory=use_pin_memory,
             budget=offload.vram_budget(device) if device.type == "cuda" else None,
@@ -152,7 +152,7 @@ class QwenEditPipeline:
         clock.done("plan")
         staging = torch.device("cpu") if plan.encoders_on_cpu else device
         model = load_transformer(
-            transformer, backend=backend, compute=compute, device=device, use_pin_memory=plan.use_pin_memory,
+            ckpt, backend=backend, compute=compute, device=device, use_pin_memory=plan.use_pin_memory,
             num_blocks_on_gpu=plan.blocks_on_gpu if plan.streams_blocks else None, compile=compile,
         )  # fmt: skip
         clock.done("transformer")
@@ -198,7 +198,7 @@ class QwenEditPipeline:
 
         Runs the whole path on a CPU in seconds; the images are noise, the code path is the real one.
         """
-        from .demo import DEMO_OUTPUT_MEGAPIXELS, DEMO_REFERENCE_AREA, demo_files
+        from .testing.demo import DEMO_OUTPUT_MEGAPIXELS, DEMO_REFERENCE_AREA, demo_files
 
         files = demo_files(cache_dir)
         pipe = cls.from_files(**files, device=device, backend="portable", compute=compute, compile=compile)
@@ -248,7 +248,8 @@ class QwenEditPipeline:
 
     def _sizes(self) -> dict:
         info = self.transformer.qwen_edit_info
-        sizes = offload.file_sizes(info.path, None, None, device=self.device, backend=info.backend,
+        ckpt = getattr(self.transformer, "qwen_edit_checkpoint", None) or info.path  # no header re-read
+        sizes = offload.file_sizes(ckpt, None, None, device=self.device, backend=info.backend,
                                    compute=info.compute)  # fmt: skip
         sizes["text_encoder_bytes"] = offload.module_bytes(self.text_encoder)
         sizes["vae_bytes"] = offload.module_bytes(self.vae)

@@ -417,6 +417,8 @@ def beta_ppf(q: np.ndarray | float, a: float, b: float) -> np.ndarray:
     return out
 
 
+# Process-wide: the beta scheduler's Newton solves cost milliseconds, and a worker asks for the same few
+# step counts again and again. Bound: 256 entries of one int per step (a few KiB each).
 @functools.lru_cache(maxsize=256)
 def _beta_indices(steps: int, alpha: float, beta: float, total_timesteps: int) -> tuple[int, ...]:
     # CUI:comfy/samplers.py:464-476: quantiles 1, 1-1/N, ..., 1/N; rint(ppf * 999); consecutive duplicates

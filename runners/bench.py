@@ -147,7 +147,7 @@ def write_chart(result: dict, path: Path) -> Path:
 def run(argv: list[str] | None = None) -> dict:
     """Parse arguments, run every configuration, write JSON (and a chart); returns the result."""
     from qwen_edit import QwenEditPipeline
-    from qwen_edit.demo import demo_files
+    from qwen_edit.testing.demo import demo_files
 
     parser = argparse.ArgumentParser(prog="qwen-edit bench", description="Per-stage edit latency benchmark.")
     parser.add_argument("--config", action="append", default=[], help="settings YAML (repeatable: layered)")

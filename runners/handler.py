@@ -144,7 +144,7 @@ def wait_for_cuda(timeout: float, interval: float = 2.0) -> bool:
 
 def demo_settings(cache_dir: str | None) -> tuple[dict, dict]:
     """Settings for the tiny demo model (its files as the model folders) and its text encoder config."""
-    from qwen_edit.demo import demo_files
+    from qwen_edit.testing.demo import demo_files
 
     files = demo_files(cache_dir)
     folder = Path(files["transformer"]).parent
@@ -404,7 +404,7 @@ class Worker:
                 fix="check that the model files are complete and match each other",
             ) from exc
         if self.config.demo:
-            from qwen_edit.demo import DEMO_OUTPUT_MEGAPIXELS, DEMO_REFERENCE_AREA
+            from qwen_edit.testing.demo import DEMO_OUTPUT_MEGAPIXELS, DEMO_REFERENCE_AREA
 
             pipe.reference_area, pipe.output_megapixels = DEMO_REFERENCE_AREA, DEMO_OUTPUT_MEGAPIXELS
         self.pipe, self.loaded, self.offload = pipe, files, offload

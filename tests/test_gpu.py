@@ -7,7 +7,7 @@ import torch
 from twins import with_text_lengths
 
 from qwen_edit import fp8
-from qwen_edit.tiny import write_tiny_transformer
+from qwen_edit.testing.transformer import write_tiny_transformer
 from qwen_edit.transformer import load_transformer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -26,6 +26,26 @@ def test_scaled_mm_matches_the_emulated_fp8_product():
     y_ref = (x_codes.float() @ codes.float().t()) * x_scale * scale + bias.float()
     # Same fp8 operands: only accumulation order and the bf16 output rounding differ.
     assert (y_gpu.float() - y_ref).abs().max() < 1e-2 * y_ref.abs().max()
+
+
+def test_fast_accumulation_reaches_the_gemm_only_inside_its_block(monkeypatch):
+    if not fp8.fp8_supported("cuda"):
+        pytest.skip("no fp8 tensor cores on this GPU")
+    seen = []
+    scaled_mm = torch._scaled_mm
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["use_fast_accum"])
+        return scaled_mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", recording)
+    x = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16)
+    codes, scale = fp8.quantize_weight_per_channel(torch.randn(32, 64, device="cuda"))
+    fp8.fp8_linear(x, codes, scale)
+    with fp8.fast_accumulation(False):
+        fp8.fp8_linear(x, codes, scale)
+    fp8.fp8_linear(x, codes, scale)
+    assert seen == [True, False, True]
 
 
 @pytest.mark.parametrize("precision", ["int4", "fp4"])
@@ -55,7 +75,8 @@ def test_tiny_model_on_gpu_matches_cpu(tmp_path, precision, compute):
 
 @torch.no_grad()
 def test_fp8_text_encoder_on_gpu_matches_cpu(tmp_path):
-    from qwen_edit.text_encoder import encode_tokens, load_text_encoder, write_comfy_text_encoder
+    from qwen_edit.testing.text_encoder import write_comfy_text_encoder
+    from qwen_edit.text_encoder import encode_tokens, load_text_encoder
 
     path = tmp_path / "te.safetensors"
     config = write_comfy_text_encoder(path)

@@ -12,8 +12,8 @@ from twins import dense_twin, forward_inputs
 
 from qwen_edit import lora as lora_mod
 from qwen_edit.lora import LoraError, apply_loras, parse_lora_state_dict, read_lora
-from qwen_edit.svdq import layout, quantize_awq_linear, quantize_svdq_linear, svdq_dense
-from qwen_edit.tiny import write_tiny_transformer
+from qwen_edit.svdq import layout, svdq_dense
+from qwen_edit.testing.transformer import quantize_awq_linear, quantize_svdq_linear, write_tiny_transformer
 from qwen_edit.transformer import load_transformer
 
 RANK = 4
@@ -241,6 +241,39 @@ def test_missing_or_broken_files(tmp_path):
     save_file({"transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8)}, str(half))
     with pytest.raises(LoraError, match="needs both A and B"):
         read_lora(half)
+
+
+def test_the_parse_cache_is_bounded_by_bytes_least_recently_used_first(tmp_path, monkeypatch):
+    """Parsed LoRAs are kept up to LORA_CACHE_BYTES (a rank-64 LoRA parses to GiBs), never by count."""
+    paths = [write_lora(tmp_path / f"{name}.safetensors", canonical_lora(1), "peft") for name in "abcd"]
+    lora_mod.clear_lora_cache()
+    size = lora_mod.lora_bytes(read_lora(paths[0]))
+    assert size > 0
+    monkeypatch.setattr(lora_mod, "LORA_CACHE_BYTES", 2 * size + size // 2)  # room for two
+    lora_mod.clear_lora_cache()
+    a, b = read_lora(paths[0]), read_lora(paths[1])
+    assert read_lora(paths[0]) is a  # a hit makes `a` the most recently used
+    c = read_lora(paths[2])  # evicts b, not a
+    assert read_lora(paths[0]) is a and read_lora(paths[2]) is c
+    assert read_lora(paths[1]) is not b  # parsed again, which evicts the oldest (a)
+    assert lora_mod.cached_lora_bytes() == 2 * size <= lora_mod.LORA_CACHE_BYTES
+    assert read_lora(paths[0]) is not a
+    # A file larger than the whole budget is parsed for each use and never kept.
+    monkeypatch.setattr(lora_mod, "LORA_CACHE_BYTES", size - 1)
+    d = read_lora(paths[3])
+    assert read_lora(paths[3]) is not d and lora_mod.cached_lora_bytes() == 0
+    lora_mod.clear_lora_cache()
+
+
+def test_a_file_changed_in_place_is_read_again_and_its_old_parse_dropped(tmp_path):
+    path = write_lora(tmp_path / "a.safetensors", canonical_lora(1), "peft")
+    lora_mod.clear_lora_cache()
+    first = read_lora(path)
+    write_lora(path, {k: v for k, v in list(canonical_lora(2).items())[:3]}, "peft")
+    second = read_lora(path)
+    assert second is not first and len(second.layers) == 3
+    assert lora_mod.cached_lora_bytes() == lora_mod.lora_bytes(second)
+    lora_mod.clear_lora_cache()
 
 
 # -- the Nunchaku backend's layers: their packed tensors, driven through the same code ----------

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from qwen_edit import text_encoder as te
 from qwen_edit.fp8 import FP8
+from qwen_edit.testing import text_encoder as te_files
 from qwen_edit.tokenizer import preprocess_vision_image, vision_token_count
 
 IMAGE_PAD = 151655
@@ -29,6 +30,21 @@ def file_specs(path) -> dict[str, tuple[str, tuple[int, ...]]]:
         return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}  # noqa: SIM118
 
 
+def estimate_parameter_bytes(model, plan, specs, *, compute: str, dtype: torch.dtype) -> int:
+    """Bytes the loaded parameters will take, from the file header alone (no tensor data read): the
+    loader's dtype rules (te._stored_dtype) applied to the header, checked against what loading takes."""
+    roles = te._roles(model)
+    total = 0
+    for name, key in plan.params.items():
+        file_dtype, shape = specs[key]
+        stored = te._stored_dtype(roles.get(name, "other"), te._ST_DTYPES[file_dtype], compute, dtype)
+        total += math.prod(shape) * stored.itemsize
+        if stored == FP8 and not file_dtype.startswith("F8"):
+            total += shape[0] * 4  # per-channel float32 scales made at load
+    total += sum(4 * max(1, math.prod(specs[k][1])) for k in plan.scales.values())
+    return total
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """The same random tiny model in every accepted format (same seed, so the same float weights)."""
@@ -40,11 +56,11 @@ def files(tmp_path_factory):
         "hf_legacy": root / "repo" / "text_encoder",
         "hf_v5": root / "hf_v5",
     }
-    config = te.write_comfy_text_encoder(paths["fp8"])
-    te.write_comfy_text_encoder(paths["comfy_quant"], quant_format="comfy_quant")
-    te.write_comfy_text_encoder(paths["bf16"], fp8=False)
-    te.write_hf_text_encoder(paths["hf_legacy"], shards=2)
-    te.write_hf_text_encoder(paths["hf_v5"], layout="v5", shards=3)
+    config = te_files.write_comfy_text_encoder(paths["fp8"])
+    te_files.write_comfy_text_encoder(paths["comfy_quant"], quant_format="comfy_quant")
+    te_files.write_comfy_text_encoder(paths["bf16"], fp8=False)
+    te_files.write_hf_text_encoder(paths["hf_legacy"], shards=2)
+    te_files.write_hf_text_encoder(paths["hf_v5"], layout="v5", shards=3)
     return paths, config
 
 
@@ -97,10 +113,10 @@ def test_real_file_maps_onto_the_7b_model(shared_dir, model_7b):
     assert fp8_keys == {plan.params[f"{n}.weight"] for n in linears}
 
     # Memory of the loaded weights, from the header alone: fp8 file vs the same model in bf16.
-    fp8_bytes = te.estimate_parameter_bytes(model, plan, specs, compute="upcast", dtype=torch.bfloat16)
+    fp8_bytes = estimate_parameter_bytes(model, plan, specs, compute="upcast", dtype=torch.bfloat16)
     bf16_specs = {k: ("BF16", s) for k, (_, s) in specs.items() if k in plan.params.values()}
     bf16_plan = te.plan_load(model, bf16_specs, "bf16")
-    bf16_bytes = te.estimate_parameter_bytes(
+    bf16_bytes = estimate_parameter_bytes(
         model, bf16_plan, bf16_specs, compute="upcast", dtype=torch.bfloat16
     )
     print(f"7B text encoder weights: fp8 {fp8_bytes / 1e9:.2f} GB, bf16 {bf16_bytes / 1e9:.2f} GB")
@@ -244,8 +260,8 @@ def test_every_format_gives_the_same_states(files, inputs):
 
 def test_memory_fp8_vs_bf16(tmp_path):
     """Parameter bytes after loading, with a small vocabulary so the Linear layers dominate as in the 7B."""
-    config = te.write_comfy_text_encoder(tmp_path / "fp8.safetensors", vocab_size=512)
-    te.write_comfy_text_encoder(tmp_path / "bf16.safetensors", fp8=False, vocab_size=512)
+    config = te_files.write_comfy_text_encoder(tmp_path / "fp8.safetensors", vocab_size=512)
+    te_files.write_comfy_text_encoder(tmp_path / "bf16.safetensors", fp8=False, vocab_size=512)
     sizes = {}
     for name in ("fp8", "bf16"):
         path = tmp_path / f"{name}.safetensors"
@@ -259,7 +275,7 @@ def test_memory_fp8_vs_bf16(tmp_path):
         assert model.qwen_edit_info.parameter_bytes == sizes[name][0]
         specs = file_specs(path)
         plan = te.plan_load(te.empty_text_encoder(config), specs)
-        estimate = te.estimate_parameter_bytes(model, plan, specs, compute="upcast", dtype=torch.bfloat16)
+        estimate = estimate_parameter_bytes(model, plan, specs, compute="upcast", dtype=torch.bfloat16)
         assert estimate == sizes[name][0]  # the 7B estimate in test_real_file_maps_onto_the_7b_model is exact
     print(f"tiny text encoder parameter bytes: fp8 {sizes['fp8']}, bf16 {sizes['bf16']}")
     n_linears = 2 * 7 + 2 * 5 + 2  # float32 scalar scales only in the fp8 model

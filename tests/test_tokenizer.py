@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from qwen_edit import tokenizer as tk
-from qwen_edit.text_encoder import encode_tokens, load_text_encoder, write_comfy_text_encoder
+from qwen_edit.testing.text_encoder import write_comfy_text_encoder
+from qwen_edit.text_encoder import encode_tokens, load_text_encoder
 
 # comfy_extras/nodes_qwen.py:75 (llama_template of TextEncodeQwenImageEditPlus)
 COMFY_EDITPLUS_TEMPLATE = (

@@ -163,12 +163,6 @@ class DequantizedLinear(nn.Module):
             y = y + F.linear(F.linear(x.to(self.lora_down.dtype), self.lora_down), self.lora_up).to(y.dtype)
         return y
 
-    def dense_weight(self) -> torch.Tensor:
-        """The effective weight as float32 (dequantized from fp8 where needed); for tests and merging."""
-        if self.compute == "fp8":
-            return self.weight.float() * self.weight_scale[:, None]
-        return self.weight.float()
-
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, compute={self.compute}"
 

@@ -29,6 +29,7 @@ DEMO_OUTPUT_MEGAPIXELS = 0.0625
 
 
 def default_cache_dir() -> Path:
+    """Where the demo files live: $QWEN_EDIT_CACHE, else the user cache; one folder per DEMO_VERSION."""
     root = os.environ.get("QWEN_EDIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return Path(root) / "qwen-edit" / f"demo-v{DEMO_VERSION}"
 
@@ -36,7 +37,7 @@ def default_cache_dir() -> Path:
 def demo_files(cache_dir: str | Path | None = None) -> dict:
     """Paths (and the text encoder config) for QwenEditPipeline.from_files, writing what is missing."""
     from .text_encoder import tiny_text_encoder_config, write_comfy_text_encoder
-    from .tiny import TINY_TRANSFORMER_CONFIG, write_tiny_transformer
+    from .transformer import TINY_TRANSFORMER_CONFIG, write_tiny_transformer
     from .vae import write_comfy_vae
 
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
