@@ -1,7 +1,8 @@
 """LoRAs on the quantized transformer: reading every common file format, and applying them exactly.
 
-Reading. Keys come in several spellings (lora.md 1.2): diffusers/PEFT (`lora_A`/`lora_B`, with or
-without `.default`), ComfyUI/ai-toolkit (`diffusion_model.` prefix), kohya (`lora_unet_...`,
+Reading. Keys come in several spellings (those ComfyUI maps: Comfy-Org/ComfyUI@a125cd8 comfy/lora.py
+model_lora_keys_unet, comfy/weight_adapter/lora.py LoRAAdapter.load): diffusers/PEFT (`lora_A`/`lora_B`,
+with or without `.default`), ComfyUI/ai-toolkit (`diffusion_model.` prefix), kohya (`lora_unet_...`,
 `lora_down`/`lora_up`, `.alpha`), bare module names. All are normalised to diffusers module names.
 The scale follows ComfyUI (comfy/weight_adapter/lora.py), which the reference workflow uses:
 `alpha / rank` when the file has an `.alpha` for that module, else 1 (diffusers ignores `.alpha` next
@@ -11,7 +12,9 @@ Applying. Every LoRA delta is linear in the layer input, so for each target laye
 concatenated along the rank into one branch y += (x @ down.T) @ up.T, strengths folded into `up`:
 - portable layers (SVDQ, AWQ and plain Linear alike): a side branch next to the dequantized weight;
 - Nunchaku SVDQ layers: appended to the layer's own low-rank branch (it sees the raw input, so
-  W + s*B*A is exact; lora.md 4.1), packed in the kernel's layout, rank padded to a multiple of 16;
+  W + s*B*A is exact; nunchaku-tech/nunchaku@3a3cc3d src/kernels/zgemm/gemm_w4a4.cuh:1098-1190
+  accumulates x @ proj_down before it divides by the smoothing factor), packed in the kernel's layout,
+  rank padded to a multiple of 16;
 - Nunchaku AWQ modulation layers (no low-rank branch): a side branch whose output is interleaved
   like the layer's (c*6 + s) before it is added.
 Fused q/k/v layers take each of q, k, v's LoRA in its own block of rows, with its own scale, so a
@@ -42,7 +45,8 @@ from .svdq.quantize import FUSED_PARTS
 
 log = logging.getLogger(__name__)
 
-# Diffusers module names a Qwen-Image LoRA may target (lora.md 1.1).
+# Diffusers module names a Qwen-Image LoRA may target (the Linear layers of diffusers'
+# QwenImageTransformer2DModel, src/diffusers/models/transformers/transformer_qwenimage.py).
 BLOCK_TARGETS = (
     *(part for name, _, _ in SVDQ_LAYERS for part in FUSED_PARTS.get(name, (name,))),
     *AWQ_LAYERS,

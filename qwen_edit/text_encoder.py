@@ -1,6 +1,7 @@
 """The Qwen2.5-VL-7B text encoder of Qwen-Image-Edit-2509, loaded without ComfyUI.
 
-Accepted files (all hold the same network; shared/docs/comfy-semantics.md §4a):
+Accepted files (all hold the same network; ComfyUI reads the first with comfy/sd.py:919-962 and
+comfy/ops.py:379-428 at Comfy-Org/ComfyUI@a125cd8):
 - ComfyUI's `qwen_2.5_vl_7b_fp8_scaled.safetensors`: every Linear weight is float8_e4m3fn with a float32
   `scale_weight` (W = fp8 * scale_weight), plus unused `scale_input`s, an unused `lm_head.weight` and an
   empty `scaled_fp8` marker. Newer ComfyUI spells the scales `weight_scale` / `input_scale` and adds
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 COMPUTES = ("auto", "fp8", "upcast")
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
 # Qwen2.5-VL-7B-Instruct as Qwen/Qwen-Image-Edit-2509 ships it in text_encoder/config.json
-# (shared/data/manifests/qwen_image_edit_2509_configs.json); ComfyUI hard-codes the same values
+# (huggingface.co/Qwen/Qwen-Image-Edit-2509 @983d8d2); ComfyUI hard-codes the same values
 # (Comfy-Org/ComfyUI@a125cd8:comfy/text_encoders/llama.py:57-77, qwen_vl.py:263-284).
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "qwen25_vl_7b.json"
 EXPECTED_FILES = (

@@ -1,6 +1,6 @@
 """Prompt and image inputs of the Qwen2.5-VL text encoder, exactly as ComfyUI's TextEncodeQwenImageEditPlus.
 
-Three pieces (shared/docs/comfy-semantics.md §1.1-1.3 and §6), all from Comfy-Org/ComfyUI@a125cd8:
+Three pieces, all from Comfy-Org/ComfyUI@a125cd8 (a125cd84b054a57729b5eecab930ca9408719832):
 - the Qwen2.5 BPE tokenizer, from ComfyUI's bundled folder (vocab.json, merges.txt,
   tokenizer_config.json) or the `tokenizer/` folder of Qwen/Qwen-Image-Edit-2509;
 - the vision preprocessing: an "area" resize to about 384x384 (comfy_extras/nodes_qwen.py:81-85), a
