@@ -75,16 +75,23 @@ SUFFIXES = (
     (".lora_alpha", "alpha"),
     (".alpha", "alpha"),
 )
-# Adapters we recognise but don't implement: marker -> name for the error message.
-UNSUPPORTED = (
-    ("lokr_", "LoKr"),
-    ("hada_", "LoHa"),
-    (".dora_scale", "DoRA"),
-    (".lora_mid.", "LoCon with a mid (Tucker) weight"),
-    (".diff_b", "full-weight difference (diff_b)"),
-    (".diff", "full-weight difference (diff)"),
-    (".lora_B.bias", "LoRA with bias deltas"),
-    (".lora_up.bias", "LoRA with bias deltas"),
+# Adapters we recognise but don't implement: pattern -> name for the error message. Matched against the
+# key without its module prefix, and anchored where the marker is a key's last part, so a marker never
+# matches inside a module path (".diff" inside "model.diffusion_model." did).
+UNSUPPORTED = tuple(
+    (re.compile(pattern), kind)
+    for pattern, kind in (
+        (r"(^|\.)lokr_", "LoKr"),
+        (r"(^|\.)hada_", "LoHa"),
+        (r"\.dora_scale$", "DoRA (dora_scale)"),
+        # PEFT and diffusers save DoRA's magnitude as `<module>.lora_magnitude_vector` (PEFT drops the
+        # adapter name and `.weight`; some writers keep them), beside ordinary lora_A/lora_B keys.
+        (r"\.lora_magnitude_vector(\.|$)", "DoRA (PEFT lora_magnitude_vector)"),
+        (r"\.lora_mid\.", "LoCon with a mid (Tucker) weight"),
+        (r"\.diff_b$", "full-weight difference (diff_b)"),
+        (r"\.diff$", "full-weight difference (diff)"),
+        (r"\.(lora_B|lora_up)\.bias$", "LoRA with bias deltas"),
+    )
 )
 
 
@@ -129,6 +136,19 @@ _UNDERSCORED = {name.replace(".", "_"): name for name in (*BLOCK_TARGETS, *TOP_T
 _KOHYA_BLOCK = re.compile(r"^transformer_blocks_(\d+)_(.+)$")
 
 
+def _without_prefix(key: str) -> str:
+    for prefix in PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+def _unsupported_kind(key: str) -> str | None:
+    """The adapter kind `key` belongs to when qwen-edit doesn't implement it, else None."""
+    rest = _without_prefix(key)
+    return next((kind for pattern, kind in UNSUPPORTED if pattern.search(rest)), None)
+
+
 def _module_name(raw: str) -> tuple[str, str]:
     """A key's module part -> (diffusers module name, format label)."""
     fmt = "diffusers/PEFT"
@@ -152,12 +172,12 @@ def _module_name(raw: str) -> tuple[str, str]:
 def parse_lora_state_dict(tensors: dict[str, torch.Tensor], source: str = "LoRA") -> tuple[str, dict]:
     """{key: tensor} in any supported format -> (format, {diffusers module: LoraWeights})."""
     for key in tensors:
-        for marker, kind in UNSUPPORTED:
-            if marker in key:
-                raise LoraError(
-                    f"{source} is a {kind} adapter (key {key!r}); qwen-edit supports plain LoRA "
-                    "(lora_A/lora_B or lora_down/lora_up, optional .alpha). Convert it to a LoRA first."
-                )
+        kind = _unsupported_kind(key)
+        if kind is not None:
+            raise LoraError(
+                f"{source} is a {kind} adapter (key {key!r}); qwen-edit supports plain LoRA "
+                "(lora_A/lora_B or lora_down/lora_up, optional .alpha). Convert it to a LoRA first."
+            )
     parts: dict[str, dict[str, torch.Tensor]] = {}
     formats = set()
     unknown = []
