@@ -55,7 +55,8 @@ def run_test(package_root: Path) -> tuple[bool, str]:
 
     Run from `package_root`: `python -m` puts the working folder first on sys.path, ahead of PYTHONPATH.
     """
-    env = {**os.environ, "PYTHONPATH": str(package_root)}
+    # A wide terminal, or pytest cuts the failure message off the FAILED summary lines.
+    env = {**os.environ, "PYTHONPATH": str(package_root), "COLUMNS": "400"}
     command = [
         sys.executable,
         "-m",
@@ -70,8 +71,8 @@ def run_test(package_root: Path) -> tuple[bool, str]:
     done = subprocess.run(command, cwd=package_root, env=env, capture_output=True, text=True)
     out = done.stdout + done.stderr
     failures = []
-    for case in re.findall(r"^FAILED .*?\[(.+?)\] - (.*)$", out, flags=re.MULTILINE):
-        failures.append(f"[{case[0]}] {case[1][:140]}")
+    for case, message in re.findall(r"^FAILED .*?\[(.+?)\](?: - (.*))?$", out, flags=re.MULTILINE):
+        failures.append(f"[{case}] {message[:140]}")
     if done.returncode != 0 and not failures:
         failures.append(out.strip().splitlines()[-1] if out.strip() else f"exit {done.returncode}")
     return done.returncode == 0, "\n    ".join(failures)
