@@ -86,9 +86,8 @@ def reference_edit(
             w, h = round(im.width * scale / 8) * 8, round(im.height * scale / 8) * 8
             pixels = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
             pixels = torch.nn.functional.interpolate(pixels, size=(h, w), mode="area")
-            refs.append(
-                encode_images(vae, pixels * 2 - 1).unsqueeze(2)
-            )  # process_latent_in'd, as extra_conds
+            # encode_images normalizes, as QwenImage.extra_conds does with process_latent_in
+            refs.append(encode_images(vae, pixels * 2 - 1).unsqueeze(2))
         return hidden, refs
 
     positive = text_encode(prompt)
@@ -113,9 +112,9 @@ def reference_edit(
     # CONST.noise_scaling (comfy/model_sampling.py:70-72); the latent is already process_latent_in'd.
     x = sigmas[0] * noise + (1.0 - sigmas[0]) * latent
 
-    def x0(x: torch.Tensor, sigma: torch.Tensor, conditioning: tuple) -> torch.Tensor:
+    def x0(x: torch.Tensor, sigma: torch.Tensor, conds: tuple) -> torch.Tensor:
         """One DiT pass for one conditioning: its own context and reference latents, x0 = x - v * sigma."""
-        hidden, refs = conditioning
+        hidden, refs = conds
         velocity = comfy_forward(dit, x, sigma, hidden.expand(x.shape[0], -1, -1), refs)
         return x - velocity.float() * sigma.reshape(-1, 1, 1, 1, 1)
 
