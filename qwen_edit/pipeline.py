@@ -287,6 +287,8 @@ class QwenEditPipeline:
         """Edit 1-3 images following `prompt`; returns `batch_size` images.
 
         Output size: `width` x `height` (multiples of 16) if given, else image 1 at about one megapixel.
+        The encoders see image 1 at that megapixel budget (the workflow's ImageScaleToTotalPixels) and
+        images 2 and 3 as given.
         `callback(step, total, x0_latent)` runs after each step; `cancel()` is polled between steps
         and stops the edit with `SamplingCancelled`.
         """
@@ -304,10 +306,15 @@ class QwenEditPipeline:
     def _edit(self, params: EditParams, pictures: list[Image.Image], callback, cancel) -> EditResult:
         timings: dict = {}
         start = time.perf_counter()
+        # The workflow gives TextEncodeQwenImageEditPlus image 1 after ImageScaleToTotalPixels (the same
+        # node output VAEEncode turns into the latent), images 2 and 3 as loaded: both text encode nodes
+        # take image1 from that node (nunchaku-tech/ComfyUI-nunchaku@dbfd194,
+        # example_workflows/nunchaku-qwen-image-edit-2509.json and its -lightning twin).
+        node_images = [conditioning.scale_to_megapixels(pictures[0], self.output_megapixels), *pictures[1:]]
 
         with self._stage("text_encode", timings, self.text_encoder):
-            cond = self._encode(params.prompt, pictures)
-            uncond = self._encode(params.negative_prompt, pictures) if needs_uncond(params.cfg) else None
+            cond = self._encode(params.prompt, node_images)
+            uncond = self._encode(params.negative_prompt, node_images) if needs_uncond(params.cfg) else None
 
         with self._stage("vae_encode", timings, self.vae):
             from .vae import encode_images
@@ -317,7 +324,7 @@ class QwenEditPipeline:
                 encode_images(self.vae, conditioning.reference_pixels(p, self.reference_area, vae_device))
                 .unsqueeze(2)
                 .to(self.device)
-                for p in pictures
+                for p in node_images
             ]
             b = params.batch_size
             if params.denoise < 1.0:  # img2img from image 1, as the workflow's VAEEncode latent

@@ -7,8 +7,7 @@ checked bit for bit against ComfyUI's own functions at the commit below.
 
 Source of truth (re-implemented here, not copied), cited as ``CUI:path:lines``:
     CUI = Comfy-Org/ComfyUI@a125cd84b054a57729b5eecab930ca9408719832 (2025-10-11), which is the
-    same code as comfyanonymous/ComfyUI at that date and the commit /work/shared/docs/comfy-semantics.md
-    is written against.
+    same code as comfyanonymous/ComfyUI at that date.
 
 Conventions the pipeline must follow (see also ``sample``):
 

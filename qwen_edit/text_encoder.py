@@ -1,6 +1,7 @@
 """The Qwen2.5-VL-7B text encoder of Qwen-Image-Edit-2509, loaded without ComfyUI.
 
-Accepted files (all hold the same network; shared/docs/comfy-semantics.md §4a):
+Accepted files (all hold the same network; ComfyUI reads the first with comfy/sd.py:919-962 and
+comfy/ops.py:379-428 at Comfy-Org/ComfyUI@a125cd8):
 - ComfyUI's `qwen_2.5_vl_7b_fp8_scaled.safetensors`: every Linear weight is float8_e4m3fn with a float32
   `scale_weight` (W = fp8 * scale_weight), plus unused `scale_input`s, an unused `lm_head.weight` and an
   empty `scaled_fp8` marker. Newer ComfyUI spells the scales `weight_scale` / `input_scale` and adds
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 COMPUTES = ("auto", "fp8", "upcast")
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
 # Qwen2.5-VL-7B-Instruct as Qwen/Qwen-Image-Edit-2509 ships it in text_encoder/config.json
-# (shared/data/manifests/qwen_image_edit_2509_configs.json); ComfyUI hard-codes the same values
+# (huggingface.co/Qwen/Qwen-Image-Edit-2509 @983d8d2); ComfyUI hard-codes the same values
 # (Comfy-Org/ComfyUI@a125cd8:comfy/text_encoders/llama.py:57-77, qwen_vl.py:263-284).
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "qwen25_vl_7b.json"
 EXPECTED_FILES = (
@@ -64,6 +65,9 @@ _PREFIXES = (
     ("language_model.", "language_model."),
     ("model.", "language_model."),
 )
+# <|endoftext|>: the pad id ComfyUI gives the Qwen2.5-VL encoder (Comfy-Org/ComfyUI@a125cd8,
+# comfy/text_encoders/qwen_image.py:52).
+END_OF_TEXT_ID = 151643
 _SCALE_LEAVES = ("scale_weight", "weight_scale")  # legacy scaled-fp8 / newer ComfyUI quant format
 _UNUSED_LEAVES = ("scale_input", "input_scale", "comfy_quant")  # ComfyUI ignores these for the TE
 # Kept in the files, never read: the encoder returns hidden states, not logits (ComfyUI comments the
@@ -648,6 +652,29 @@ def compile_text_encoder(model: nn.Module) -> None:
         module.compile(dynamic=True)
 
 
+def comfy_attention_mask(
+    input_ids: Sequence[int] | torch.Tensor, image_spans: Sequence[tuple[int, int]] = ()
+) -> list[int] | None:
+    """The key mask ComfyUI's Qwen2.5-VL encoder applies to one sequence (1 = attended), or None if it
+    masks nothing.
+
+    ComfyUI builds the encoder with `special_tokens={"pad": 151643}` and attention masks on
+    (Comfy-Org/ComfyUI@a125cd8, comfy/text_encoders/qwen_image.py:50-52). With no end token, the first
+    text token equal to that pad id (<|endoftext|>, which a prompt may hold literally) and every text
+    token after it get mask 0 (comfy/sd1_clip.py:170-200); image embeddings spliced in later always get
+    1 (:232). The LLM turns the mask into -inf on those keys, on top of the causal mask
+    (comfy/text_encoders/llama.py:391-400); the masked positions still produce hidden states.
+    """
+    ids = torch.as_tensor(input_ids).reshape(-1).tolist()
+    image = [False] * len(ids)
+    for start, count in image_spans:
+        image[start : start + count] = [True] * count
+    first = next((i for i, t in enumerate(ids) if t == END_OF_TEXT_ID and not image[i]), None)
+    if first is None:
+        return None
+    return [1 if i < first or image[i] else 0 for i in range(len(ids))]
+
+
 @torch.inference_mode()
 def encode_tokens(
     model: nn.Module,
@@ -661,6 +688,7 @@ def encode_tokens(
     images: (pixel_values [N, 1176], grid_thw [1, 3]) per image, from tokenizer.preprocess_vision_image;
     image_spans: (start, length) of each image's tokens in input_ids; their ids are ignored and their
     embeddings replaced by the vision tower's output, as ComfyUI splices them in (sd1_clip.py:203-234).
+    A literal <|endoftext|> and the text after it are masked as attention keys (`comfy_attention_mask`).
     """
     if len(images) != len(image_spans):
         raise ValueError(f"{len(images)} images but {len(image_spans)} image spans; give one span per image")
@@ -683,5 +711,8 @@ def _encode_tokens(model, input_ids, images, image_spans) -> torch.Tensor:
         grids.append(torch.as_tensor(grid_thw).reshape(-1).tolist())
     merge = model.visual.spatial_merge_size
     positions = mrope_position_ids(ids.shape[1], image_spans, grids, merge).to(device)
-    out = lm(inputs_embeds=embeds, position_ids=positions, use_cache=False)
+    keys = comfy_attention_mask(input_ids, image_spans)
+    # Only a sequence that masks something passes a mask: without one the LLM keeps its plain causal path.
+    mask = None if keys is None else torch.tensor([keys], dtype=torch.long, device=device)
+    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
     return out.last_hidden_state

@@ -46,9 +46,10 @@ TEXT_ENCODER_FILE = "qwen_2.5_vl_7b_fp8_scaled.safetensors"
 VAE_FILE = "qwen_image_vae.safetensors"
 TOKENIZER_TARGET = "text_encoders/tokenizer"  # pipeline.find_tokenizer looks beside the encoder
 TOKENIZER_REQUIRED = ("vocab.json", "merges.txt")
-# Approximate sizes for planning disk space without the network (doctor). Text encoder: 9.38 GB
-# (shared/docs/comfy-semantics.md 4a); VAE ~0.25 GB (4b); transformers from nunchaku-format.md's
-# accounting (int4 r32 11.5 GB, r128 12.6 GB; fp4 about 0.4 GB more).
+# Approximate sizes for planning disk space without the network (doctor). Text encoder: 9.38 GB and VAE
+# ~0.25 GB, the files of Comfy-Org/Qwen-Image_ComfyUI (split_files/); transformers counted from the
+# layout of nunchaku-tech/nunchaku@3a3cc3d's SVDQ checkpoints: 60 blocks at 4 bits plus scales and the
+# low-rank branch (int4 r32 11.5 GB, r128 12.6 GB; fp4 about 0.4 GB more).
 APPROX_BYTES = {"text_encoder": 9_380_000_000, "vae": 254_000_000, "tokenizer": 12_000_000}
 CHUNK = 1 << 20
 PROGRESS_EVERY_S = 0.5

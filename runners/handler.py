@@ -17,7 +17,8 @@ the SDK's local API server answer 500), so the handler sends the structured erro
 Fatal CUDA errors and OOM also set `refresh_worker`, so the platform replaces the worker.
 
 The handler is async and runs the pipeline in a thread: the event loop stays free, and when the
-platform cancels a job the thread is told to stop at the next step (shared/docs/runpod.md 0.5).
+platform cancels a job the thread is told to stop at the next step (a sync handler would block the SDK's
+event loop and could not be cancelled: runpod/runpod-python@07fc6e2 rp_job.py:257, rp_scale.py:321-339).
 """
 
 from __future__ import annotations
@@ -518,7 +519,8 @@ class Worker:
 
     def _progress(self, job: Mapping, payload: dict) -> None:
         """Per-step status through the SDK; only where there is a platform to send it to (locally the
-        SDK would log an error per call, shared/docs/runpod.md 1). Progress never fails a job."""
+        SDK would log an error per call: runpod/runpod-python@07fc6e2 rp_http.py:16-19). Progress never
+        fails a job."""
         log.debug("job %s progress %s", job.get("id"), payload)
         if not os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT") or "id" not in job:
             return
@@ -646,7 +648,8 @@ def main() -> None:
         get_worker().start()
     except Exception as exc:  # reported per job by _run_job; the worker still starts
         log.error("worker configuration: %s", exc)
-    import runpod  # here only: importing runpod reconfigures logging (shared/docs/runpod.md 0.6)
+    # here only: importing runpod reconfigures logging (runpod/runpod-python@07fc6e2 rp_upload.py:22-24)
+    import runpod
 
     runpod.serverless.start({"handler": handler})
 

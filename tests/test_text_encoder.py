@@ -442,3 +442,47 @@ def test_vision_attention_in_one_call_matches_transformers_per_window(files):
     attn = window_blocks[0].attn
     assert not torch.allclose(attn(hidden, cu_seqlens=windows, position_embeddings=cos_sin),
                               attn(hidden, cu_seqlens=full, position_embeddings=cos_sin))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- a literal <|endoftext|>
+
+
+def test_literal_endoftext_and_what_follows_are_masked_as_keys(files):
+    """ComfyUI masks the first <|endoftext|> (its pad id for this encoder) and every text token after it
+    as attention keys (Comfy-Org/ComfyUI@a125cd8 comfy/sd1_clip.py:170-200, text_encoders/llama.py:391-400).
+    Reference: transformers' own model on the dequantized weights, given the additive mask exactly as
+    llama.py builds it; fp32 on both sides, so the 1e-5 of the unmasked comparison above."""
+    paths, config = files
+    ids = [151644, 872, 198, 100, 200, 300, te.END_OF_TEXT_ID, 400, 500, 151645, 198]
+    n = len(ids)
+    keys = te.comfy_attention_mask(ids)
+    assert keys == [1] * 6 + [0] * 5
+    mask = 1.0 - torch.tensor(keys, dtype=torch.float32).reshape(1, 1, 1, n).expand(1, 1, n, n)
+    mask = mask.masked_fill(mask.bool(), float("-inf")) + torch.full((n, n), float("-inf")).triu(1)
+    with torch.no_grad():
+        reference = (
+            dequantized_reference(paths["fp8"], config)
+            .language_model(
+                input_ids=torch.tensor([ids]),
+                attention_mask=mask,
+                position_ids=torch.arange(n).expand(3, 1, n),
+            )
+            .last_hidden_state
+        )
+    model = te.load_text_encoder(paths["fp8"], config=config, dtype=torch.float32, compute="upcast")
+    out = te.encode_tokens(model, ids)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    # A token after the pad is no key for anyone: changing it changes its own row and nothing else.
+    other = te.encode_tokens(model, ids[:7] + [401] + ids[8:])
+    rest = [i for i in range(n) if i != 7]
+    torch.testing.assert_close(other[:, rest], out[:, rest], rtol=0, atol=0)
+    assert not torch.equal(other[:, 7], out[:, 7])
+    assert te.comfy_attention_mask(ids[:6]) is None  # no pad: no mask, the plain causal path
+
+
+def test_image_tokens_after_the_pad_stay_attended():
+    """ComfyUI splices image embeddings in with mask 1 wherever they sit (sd1_clip.py:232); only text
+    tokens from the first pad on are masked, later pads included."""
+    ids = [1, 2, te.END_OF_TEXT_ID, 3, IMAGE_PAD, IMAGE_PAD, 4, te.END_OF_TEXT_ID]
+    assert te.comfy_attention_mask(ids, [(4, 2)]) == [1, 1, 0, 0, 1, 1, 0, 0]
+    assert te.comfy_attention_mask(torch.tensor([[5, te.END_OF_TEXT_ID]])) == [1, 0]

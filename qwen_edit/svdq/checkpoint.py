@@ -3,7 +3,8 @@
 A Nunchaku Qwen-Image file is one `.safetensors` whose metadata holds the diffusers `config` (JSON)
 and a `quantization_config` (JSON; `weight.dtype` is "int4" or "fp4_e2m1_all", plus `rank`).
 Precision falls back to the `wscales` dtype (fp8 micro-scales mean NVFP4) and rank to the shape of
-`proj_down`, because third-party files don't always carry complete metadata (nunchaku-format.md 9.1).
+`proj_down`, because third-party files don't always carry complete metadata (and nunchaku's own
+`get_precision()` guesses from the GPU, not the file: nunchaku-tech/nunchaku@3a3cc3d nunchaku/utils.py).
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ TensorSpec = tuple[tuple[int, ...], torch.dtype]
 def expected_tensors(config: dict, precision: str, rank: int) -> dict[str, TensorSpec]:
     """Every tensor of a Nunchaku Qwen-Image file for `config`: {name: (shape, dtype)}.
 
-    Derived from nunchaku's module definitions (nunchaku-format.md 1.2) and checked against the key
-    manifests of the real files (tests/test_svdq_checkpoint.py).
+    Derived from nunchaku's module definitions, whose `from_pretrained` loads the file strictly
+    (nunchaku-tech/nunchaku@3a3cc3d nunchaku/models/transformers/transformer_qwenimage.py), and
+    checked against the key manifests of the real files (tests/test_svdq_checkpoint.py).
     """
     d = config["num_attention_heads"] * config["attention_head_dim"]
     f = 4 * d

@@ -1,6 +1,7 @@
 """Portable quantized layers: Nunchaku's SVDQ W4A4 and AWQ W4A16 linears on any device.
 
-Nunchaku's kernels compute, for an SVDQ layer (nunchaku-format.md section 2),
+Nunchaku's kernels compute, for an SVDQ layer (nunchaku-tech/nunchaku@3a3cc3d
+nunchaku/models/linear.py:161-268, nunchaku/ops/fused.py:14-79),
 
     y = ((x + shift) / smooth) @ R.T + (x @ proj_down) @ proj_up.T + bias
 
