@@ -138,7 +138,7 @@ def test_demo_pipeline_on_gpu_is_deterministic_and_matches_the_cpu(tmp_path):
 def _float32_demo(cache_dir, device: str):
     """The demo pipeline with every stage in float32: DiT, text encoder (ComfyUI's upcast) and VAE."""
     from qwen_edit import QwenEditPipeline
-    from qwen_edit.demo import demo_files
+    from qwen_edit.testing.demo import demo_files
     from qwen_edit.text_encoder import load_text_encoder
 
     files = demo_files(cache_dir)

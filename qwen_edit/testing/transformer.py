@@ -25,7 +25,8 @@ from ..svdq.layers import INT4_FC2_SHIFT, modulation_scale_ones
 FP8_MAX = 448.0
 E2M1_MAX = 6.0
 
-# Metadata as nunchaku's merge_safetensors.py writes it (see the manifests in shared/data).
+# Metadata as nunchaku's merge_safetensors.py writes it (nunchaku-tech/nunchaku,
+# nunchaku/merge_safetensors.py; the tests check it against the real files' metadata).
 QUANTIZATION_CONFIGS = {
     "int4": {
         "method": "svdquant",
