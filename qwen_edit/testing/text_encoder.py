@@ -102,8 +102,7 @@ def write_comfy_text_encoder(
 
     Same names and dtypes as Comfy-Org/Qwen-Image_ComfyUI's qwen_2.5_vl_7b_fp8_scaled.safetensors, only
     smaller: with fp8, every Linear weight is float8_e4m3fn with a float32 scalar scale_weight (absmax / 448)
-    and
-    scale_input (1.0), everything else bf16, lm_head.weight included, plus the empty `scaled_fp8` marker
+    and scale_input (1.0), everything else bf16, lm_head.weight included, plus the empty `scaled_fp8` marker
     and no metadata. quant_format="comfy_quant" writes newer ComfyUI's spelling instead (weight_scale and a
     `comfy_quant` JSON marker per layer, no scaled_fp8). fp8=False writes the bf16 single file.
     Pass the returned config to `load_text_encoder(..., config=)`.
