@@ -31,7 +31,7 @@ from qwen_edit.model import comfy_forward
 from qwen_edit.nunchaku_backend import status
 from qwen_edit.offload import set_block_offload
 from qwen_edit.svdq.checkpoint import DEFAULT_CONFIG
-from qwen_edit.svdq.quantize import write_random_checkpoint
+from qwen_edit.testing.transformer import write_random_checkpoint
 from qwen_edit.transformer import load_transformer
 
 

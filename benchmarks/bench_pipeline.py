@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 
 from qwen_edit import QwenEditPipeline
-from qwen_edit.demo import write_demo_tokenizer
 from qwen_edit.svdq.checkpoint import DEFAULT_CONFIG
-from qwen_edit.svdq.quantize import write_random_checkpoint
+from qwen_edit.testing.demo import write_demo_tokenizer
+from qwen_edit.testing.text_encoder import write_comfy_text_encoder
+from qwen_edit.testing.transformer import write_random_checkpoint
+from qwen_edit.testing.vae import write_comfy_vae
 from qwen_edit.text_encoder import DEFAULT_CONFIG as TEXT_ENCODER_CONFIG
-from qwen_edit.text_encoder import write_comfy_text_encoder
-from qwen_edit.vae import write_comfy_vae
 
 
 def full_size_files(workdir: Path, precision: str) -> dict:

@@ -1,10 +1,10 @@
 """Full-size transformer timing: SVDQ files through the portable backend vs diffusers' bf16 model.
 
-Writes full-size (60-block) random-weight SVDQ files in the real layout (qwen_edit.svdq.
-write_random_checkpoint), loads each through `load_transformer` in bf16 and fp8 modes, and runs the
-Qwen-Image-Edit forward at 1024x1024 output with one 1024x1024 reference image and a 256-token prompt.
-The baseline, diffusers' QwenImageTransformer2DModel in bf16 with random weights, runs in the same
-process on the same card.
+Writes full-size (60-block) random-weight SVDQ files in the real layout
+(qwen_edit.testing.transformer.write_random_checkpoint), loads each through `load_transformer` in bf16
+and fp8 modes, and runs the Qwen-Image-Edit forward at 1024x1024 output with one 1024x1024 reference
+image and a 256-token prompt. The baseline, diffusers' QwenImageTransformer2DModel in bf16 with random
+weights, runs in the same process on the same card.
 
     python benchmarks/bench_transformer.py --workdir /tmp/qwen-bench \
         --json benchmarks/results/transformer.json
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from qwen_edit.svdq.checkpoint import DEFAULT_CONFIG
-from qwen_edit.svdq.quantize import write_random_checkpoint
+from qwen_edit.testing.transformer import write_random_checkpoint
 from qwen_edit.transformer import load_transformer
 
 

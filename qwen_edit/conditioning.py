@@ -4,7 +4,8 @@ In: LoadImage (EXIF rotation, RGB, float in [0, 1]); TextEncodeQwenImageEditPlus
 (an "area" resize to about 1024x1024, sides multiples of 8); ImageScaleToTotalPixels (Lanczos to a
 pixel budget) and VAEEncode's centre crop for the output latent. Out: VAEDecode's clamp and SaveImage's
 8-bit conversion (truncation, not rounding), PNG with the generation parameters in a text chunk.
-Sources: comfy-semantics.md 1.1, 3 and 1.6 (ComfyUI nodes_qwen.py, nodes_post_processing.py, nodes.py).
+Sources, Comfy-Org/ComfyUI@a125cd8: comfy_extras/nodes_qwen.py:51-104, comfy_extras/nodes_post_processing.py:
+211-241, nodes.py:1593-1594 and 1630-1690, comfy/sd.py:598-610 (VAEEncode's crop).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ working.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 # kind -> what it means. Runners map every kind; a new kind needs a row in each runner's table
 # (tests/test_errors.py checks that).
@@ -89,6 +90,17 @@ class ModelNotFoundError(QwenEditError, FileNotFoundError):
     """A model name that resolves to no file; the message lists where it looked and what is there."""
 
     kind = "model_not_found"
+
+
+class HeaderError(QwenEditError, ValueError):
+    """The file is not a readable safetensors file (not one at all, or its header is damaged)."""
+
+    kind = "model_format"
+
+    def __init__(self, path: Path, cause: Exception):
+        super().__init__(f"{path} is not a readable .safetensors file ({cause})")
+        self.path = path
+        self.cause = cause
 
 
 class CheckpointError(QwenEditError, ValueError):

@@ -8,6 +8,9 @@ computed by upcasting, so CPU results equal the GPU path up to accumulation orde
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 FP8 = torch.float8_e4m3fn
@@ -16,7 +19,22 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 # float32 every few k-blocks; skipping that ("fast accumulation") is what fp8 inference stacks use
 # for forward passes. On an H100: 1.17-1.24x faster GEMMs, 0.2-0.3% error against float32 sums
 # (0.17% with promotion), next to the few % of fp8 rounding itself (benchmarks/RESULTS.md).
-FAST_ACCUMULATION = True
+# Process-wide (the GEMMs run deep inside compiled blocks, where no argument reaches them): change it
+# only through `fast_accumulation`, which puts it back.
+_FAST_ACCUMULATION = True
+
+
+@contextmanager
+def fast_accumulation(enabled: bool) -> Iterator[None]:
+    """Run the fp8 GEMMs inside the block with fast accumulation on or off (on is the default), and
+    restore the previous setting on leaving, whatever happens inside. Compiled blocks see the change:
+    torch.compile guards on the value and recompiles."""
+    global _FAST_ACCUMULATION
+    previous, _FAST_ACCUMULATION = _FAST_ACCUMULATION, bool(enabled)
+    try:
+        yield
+    finally:
+        _FAST_ACCUMULATION = previous
 
 
 def fp8_supported(device: torch.device | str | None) -> bool:
@@ -82,7 +100,7 @@ def scaled_matmul(
             scale_b=w_scale.reshape(1, n).contiguous(),
             bias=None if bias is None else bias.to(out_dtype),
             out_dtype=out_dtype,
-            use_fast_accum=FAST_ACCUMULATION,
+            use_fast_accum=_FAST_ACCUMULATION,
         )
     y = (x_codes.float() @ weight_fp8.float().t()) * x_scale * w_scale
     if bias is not None:

@@ -30,6 +30,7 @@ def gelu_tanh_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ops.qwen_edit.gelu_tanh_quantize(x.reshape(-1, x.shape[-1]).contiguous())
 
 
+# Once per process (a single entry): torch.library refuses a second registration of the same op name.
 @functools.cache
 def _ops():
     try:

@@ -1,7 +1,8 @@
 """LoRAs on the quantized transformer: reading every common file format, and applying them exactly.
 
-Reading. Keys come in several spellings (lora.md 1.2): diffusers/PEFT (`lora_A`/`lora_B`, with or
-without `.default`), ComfyUI/ai-toolkit (`diffusion_model.` prefix), kohya (`lora_unet_...`,
+Reading. Keys come in several spellings (those ComfyUI maps: Comfy-Org/ComfyUI@a125cd8 comfy/lora.py
+model_lora_keys_unet, comfy/weight_adapter/lora.py LoRAAdapter.load): diffusers/PEFT (`lora_A`/`lora_B`,
+with or without `.default`), ComfyUI/ai-toolkit (`diffusion_model.` prefix), kohya (`lora_unet_...`,
 `lora_down`/`lora_up`, `.alpha`), bare module names. All are normalised to diffusers module names.
 The scale follows ComfyUI (comfy/weight_adapter/lora.py), which the reference workflow uses:
 `alpha / rank` when the file has an `.alpha` for that module, else 1 (diffusers ignores `.alpha` next
@@ -11,7 +12,9 @@ Applying. Every LoRA delta is linear in the layer input, so for each target laye
 concatenated along the rank into one branch y += (x @ down.T) @ up.T, strengths folded into `up`:
 - portable layers (SVDQ, AWQ and plain Linear alike): a side branch next to the dequantized weight;
 - Nunchaku SVDQ layers: appended to the layer's own low-rank branch (it sees the raw input, so
-  W + s*B*A is exact; lora.md 4.1), packed in the kernel's layout, rank padded to a multiple of 16;
+  W + s*B*A is exact; nunchaku-tech/nunchaku@3a3cc3d src/kernels/zgemm/gemm_w4a4.cuh:1098-1190
+  accumulates x @ proj_down before it divides by the smoothing factor), packed in the kernel's layout,
+  rank padded to a multiple of 16;
 - Nunchaku AWQ modulation layers (no low-rank branch): a side branch whose output is interleaved
   like the layer's (c*6 + s) before it is added.
 Fused q/k/v layers take each of q, k, v's LoRA in its own block of rows, with its own scale, so a
@@ -21,10 +24,11 @@ adding or removing LoRAs only rebuilds these small branches.
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +41,13 @@ from torch import nn
 from .errors import LoraError
 from .nunchaku_backend import MAX_RANK as NUNCHAKU_MAX_RANK
 from .svdq import layout
-from .svdq.checkpoint import AWQ_LAYERS, SVDQ_LAYERS
+from .svdq.checkpoint import AWQ_LAYERS, FUSED_PARTS, SVDQ_LAYERS
 from .svdq.layers import DequantizedLinear
-from .svdq.quantize import FUSED_PARTS
 
 log = logging.getLogger(__name__)
 
-# Diffusers module names a Qwen-Image LoRA may target (lora.md 1.1).
+# Diffusers module names a Qwen-Image LoRA may target (the Linear layers of diffusers'
+# QwenImageTransformer2DModel, src/diffusers/models/transformers/transformer_qwenimage.py).
 BLOCK_TARGETS = (
     *(part for name, _, _ in SVDQ_LAYERS for part in FUSED_PARTS.get(name, (name,))),
     *AWQ_LAYERS,
@@ -72,16 +76,23 @@ SUFFIXES = (
     (".lora_alpha", "alpha"),
     (".alpha", "alpha"),
 )
-# Adapters we recognise but don't implement: marker -> name for the error message.
-UNSUPPORTED = (
-    ("lokr_", "LoKr"),
-    ("hada_", "LoHa"),
-    (".dora_scale", "DoRA"),
-    (".lora_mid.", "LoCon with a mid (Tucker) weight"),
-    (".diff_b", "full-weight difference (diff_b)"),
-    (".diff", "full-weight difference (diff)"),
-    (".lora_B.bias", "LoRA with bias deltas"),
-    (".lora_up.bias", "LoRA with bias deltas"),
+# Adapters we recognise but don't implement: pattern -> name for the error message. Matched against the
+# key without its module prefix, and anchored where the marker is a key's last part, so a marker never
+# matches inside a module path (".diff" inside "model.diffusion_model." did).
+UNSUPPORTED = tuple(
+    (re.compile(pattern), kind)
+    for pattern, kind in (
+        (r"(^|\.)lokr_", "LoKr"),
+        (r"(^|\.)hada_", "LoHa"),
+        (r"\.dora_scale$", "DoRA (dora_scale)"),
+        # PEFT and diffusers save DoRA's magnitude as `<module>.lora_magnitude_vector` (PEFT drops the
+        # adapter name and `.weight`; some writers keep them), beside ordinary lora_A/lora_B keys.
+        (r"\.lora_magnitude_vector(\.|$)", "DoRA (PEFT lora_magnitude_vector)"),
+        (r"\.lora_mid\.", "LoCon with a mid (Tucker) weight"),
+        (r"\.diff_b$", "full-weight difference (diff_b)"),
+        (r"\.diff$", "full-weight difference (diff)"),
+        (r"\.(lora_B|lora_up)\.bias$", "LoRA with bias deltas"),
+    )
 )
 
 
@@ -122,6 +133,19 @@ _UNDERSCORED = {name.replace(".", "_"): name for name in (*BLOCK_TARGETS, *TOP_T
 _KOHYA_BLOCK = re.compile(r"^transformer_blocks_(\d+)_(.+)$")
 
 
+def _without_prefix(key: str) -> str:
+    for prefix in PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+def _unsupported_kind(key: str) -> str | None:
+    """The adapter kind `key` belongs to when qwen-edit doesn't implement it, else None."""
+    rest = _without_prefix(key)
+    return next((kind for pattern, kind in UNSUPPORTED if pattern.search(rest)), None)
+
+
 def _module_name(raw: str) -> tuple[str, str]:
     """A key's module part -> (diffusers module name, format label)."""
     fmt = "diffusers/PEFT"
@@ -145,12 +169,12 @@ def _module_name(raw: str) -> tuple[str, str]:
 def parse_lora_state_dict(tensors: dict[str, torch.Tensor], source: str = "LoRA") -> tuple[str, dict]:
     """{key: tensor} in any supported format -> (format, {diffusers module: LoraWeights})."""
     for key in tensors:
-        for marker, kind in UNSUPPORTED:
-            if marker in key:
-                raise LoraError(
-                    f"{source} is a {kind} adapter (key {key!r}); qwen-edit supports plain LoRA "
-                    "(lora_A/lora_B or lora_down/lora_up, optional .alpha). Convert it to a LoRA first."
-                )
+        kind = _unsupported_kind(key)
+        if kind is not None:
+            raise LoraError(
+                f"{source} is a {kind} adapter (key {key!r}); qwen-edit supports plain LoRA "
+                "(lora_A/lora_B or lora_down/lora_up, optional .alpha). Convert it to a LoRA first."
+            )
     parts: dict[str, dict[str, torch.Tensor]] = {}
     formats = set()
     unknown = []
@@ -181,14 +205,56 @@ def parse_lora_state_dict(tensors: dict[str, torch.Tensor], source: str = "LoRA"
     return " + ".join(sorted(formats)), layers
 
 
-@functools.lru_cache(maxsize=16)
+# Parsed LoRA files, least recently used first, so that a job that only changes strengths (or goes
+# back to a LoRA used a moment ago) neither reads nor parses the file again. Bounded by the parsed
+# tensors' bytes, not by their number: a rank-64 LoRA on all 840 layers of the 20B transformer parses
+# to ~2.2 GiB of float32. The budget holds one such LoRA and a few small ones; a file larger than the
+# whole budget is parsed for each use and not kept. Change it by assigning LORA_CACHE_BYTES (0 keeps
+# nothing); `clear_lora_cache()` empties the cache.
+LORA_CACHE_BYTES = 4 * 2**30
+# path -> ((mtime_ns, size), parsed file, its bytes)
+_cache: OrderedDict[str, tuple[tuple[int, int], LoraFile, int]] = OrderedDict()
+_cache_lock = threading.Lock()  # read_lora is a library function: callers may run it in several threads
+
+
+def lora_bytes(lora: LoraFile) -> int:
+    """Bytes of a parsed LoRA's tensors (what keeping it in the cache costs)."""
+    return sum(w.down.nbytes + w.up.nbytes for w in lora.layers.values())
+
+
+def cached_lora_bytes() -> int:
+    """Bytes the LoRA cache holds now (at most LORA_CACHE_BYTES)."""
+    with _cache_lock:
+        return sum(nbytes for _, _, nbytes in _cache.values())
+
+
+def clear_lora_cache() -> None:
+    with _cache_lock:
+        _cache.clear()
+
+
 def _read_cached(path: str, mtime_ns: int, size: int) -> LoraFile:
+    stamp = (mtime_ns, size)  # a file changed in place is read again
+    with _cache_lock:
+        hit = _cache.get(path)
+        if hit is not None and hit[0] == stamp:
+            _cache.move_to_end(path)
+            return hit[1]
     fmt, layers = parse_lora_state_dict(load_file(path), source=path)
-    return LoraFile(Path(path), fmt, layers)
+    lora = LoraFile(Path(path), fmt, layers)
+    nbytes = lora_bytes(lora)
+    with _cache_lock:
+        _cache.pop(path, None)  # an older version of the file
+        if nbytes <= LORA_CACHE_BYTES:
+            _cache[path] = (stamp, lora, nbytes)
+        while sum(entry[2] for entry in _cache.values()) > LORA_CACHE_BYTES:
+            _cache.popitem(last=False)
+    return lora
 
 
 def read_lora(path: str | Path) -> LoraFile:
-    """Parse a LoRA file; reading the same unchanged file again returns the cached parse."""
+    """Parse a LoRA file; reading the same unchanged file again returns the cached parse (while it
+    fits LORA_CACHE_BYTES with the files read since)."""
     path = Path(path).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file not found: {path}")

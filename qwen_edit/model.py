@@ -201,6 +201,12 @@ def comfy_rope(
     return rope_frequencies(torch.cat(img), axes_dim), rope_frequencies(txt, axes_dim)
 
 
+# A process-wide cache of device tensors: every step of an edit (and its cfg pass) asks for the same
+# tables, and so does the next edit at the same sizes. Bound: 16 entries (least recently used go),
+# each 512 bytes per token (image tokens [L, 64, 2] float32, or complex64 [L, 64], plus the text's):
+# 8 MiB at the workflow's largest (a 1 MP output and three ~1 MP references, 16,384 image tokens),
+# so at most ~130 MiB of GPU memory there; more only for larger images. `_rope_on.cache_clear()`
+# frees them.
 @functools.lru_cache(maxsize=16)
 def _rope_on(
     device: torch.device,

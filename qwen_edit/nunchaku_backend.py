@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from .hardware import DeviceInfo
-from .svdq.checkpoint import CheckpointError, SVDQCheckpoint, check_tensors, expected_tensors, few
+from .header import few
+from .svdq.checkpoint import CheckpointError, SVDQCheckpoint, check_tensors, expected_tensors
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ def _version_tuple(version: str | None) -> tuple[int, ...]:
     return tuple(int(n) for n in match.group(0).split(".")) if match else (0,)
 
 
+# Once per process (a single entry): importing Nunchaku loads its CUDA extension, and what it gives
+# cannot change while the process runs. Tests that fake an installation call status.cache_clear().
 @functools.cache
 def status() -> NunchakuStatus:
     """Import Nunchaku once and say how that went. The root logger is left as it was: Nunchaku's
@@ -141,13 +144,19 @@ def load_model(
     """Nunchaku's Qwen-Image model for `ckpt`, each tensor read once from the file onto its device:
     blocks >= `streamed_from` into CPU memory (pinned with `pin`), everything else onto `device`."""
     from accelerate import init_empty_weights
+    from diffusers import QwenImageTransformer2DModel
+    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
     from nunchaku import NunchakuQwenImageTransformer2DModel
 
     problems = check_tensors(ckpt.tensors, expected_tensors(ckpt.config, ckpt.precision, ckpt.rank))
     if problems:
         layout = "\n  ".join(problems)
         raise CheckpointError(f"{ckpt.path} does not match the Qwen-Image transformer layout:\n  {layout}")
-    from diffusers import QwenImageTransformer2DModel
+
+    def home(name: str) -> torch.device | str:
+        """Where a tensor of module `name` lives: streamed blocks in CPU memory, the rest on `device`."""
+        streamed = name.startswith("transformer_blocks.") and int(name.split(".")[1]) >= streamed_from
+        return "cpu" if streamed else device
 
     # Only the keys this diffusers release knows (a file's config may come from a newer one).
     known = inspect.signature(QwenImageTransformer2DModel.__init__).parameters
@@ -181,8 +190,8 @@ def load_model(
                 want = "nothing" if current is None else f"{tuple(current.shape)} {current.dtype}"
                 found = f"{tuple(value.shape)} {value.dtype}"
                 raise CheckpointError(f"{ckpt.path}: {key} is {found}, the model wants {want}")
-            streamed = key.startswith("transformer_blocks.") and int(key.split(".")[1]) >= streamed_from
-            value = value.pin_memory() if streamed and pinned else value.to(device if not streamed else "cpu")
+            where = home(key)
+            value = value.pin_memory() if where == "cpu" and pinned else value.to(where)
             if attr in owner._parameters:
                 owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
             else:
@@ -190,14 +199,9 @@ def load_model(
     for name, module in model.named_modules():  # files may omit wcscales: Nunchaku fills ones
         scales = getattr(module, "wcscales", None)
         if isinstance(scales, torch.Tensor) and scales.is_meta:
-            streamed = name.startswith("transformer_blocks.") and int(name.split(".")[1]) >= streamed_from
-            module.wcscales = nn.Parameter(
-                torch.ones(scales.shape, dtype=scales.dtype, device="cpu" if streamed else device),
-                requires_grad=False,
-            )
+            ones = torch.ones(scales.shape, dtype=scales.dtype, device=home(name))
+            module.wcscales = nn.Parameter(ones, requires_grad=False)
     # The RoPE module's tables are computed at construction, which the meta device skipped.
-    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
-
     model.pos_embed = QwenEmbedRope(theta=10000, axes_dim=list(config["axes_dims_rope"]), scale_rope=True)
     model.pos_embed.to(device)
     unfilled = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

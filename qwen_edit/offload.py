@@ -24,8 +24,11 @@ import torch
 from torch import nn
 
 from . import fp8
+from .backend import choose_backend, choose_compute
 from .errors import ParameterError
-from .svdq.checkpoint import group_by_layer, read_checkpoint
+from .hardware import describe_device
+from .nunchaku_backend import NunchakuBlockStreamer, status
+from .svdq.checkpoint import SVDQCheckpoint, group_by_layer, quantized_layer_kinds, read_checkpoint
 from .svdq.layers import DequantizedLinear, awq_dense, svdq_dense
 
 log = logging.getLogger(__name__)
@@ -71,15 +74,13 @@ class BlockStreamer:
     """
 
     def __init__(self, model: nn.Module, pin: bool, device: torch.device):
-        from .transformer import quantized_layer_kinds
-
         info = model.qwen_edit_info
         self.device, self.blocks = device, model.transformer_blocks
         self.pin = pin and torch.cuda.is_available()
         self.first = len(self.blocks)  # nothing streamed until set_first
         self.precision = info.precision
         self.form = "weights" if info.compute == "fp8" else "packed"
-        self.ckpt = read_checkpoint(info.path)
+        self.ckpt: SVDQCheckpoint = model.qwen_edit_checkpoint  # load_transformer's: no second header read
         kinds = quantized_layer_kinds(self.ckpt.num_layers, self.ckpt.precision)
         self.layer_keys, _ = group_by_layer(list(self.ckpt.tensors), set(kinds))
         self.kinds = {name.split(".", 2)[2]: kind for name, kind in kinds.items()}
@@ -261,7 +262,7 @@ def _allocate_like(block: nn.Module, device: torch.device) -> nn.Module:
     return buffer
 
 
-def estimate_transformer_bytes(ckpt, compute: str, backend: str) -> tuple[int, int, int]:
+def estimate_transformer_bytes(ckpt: SVDQCheckpoint, compute: str, backend: str) -> tuple[int, int, int]:
     """(bytes of one block on the GPU, of one block packed, of everything else), from the file header."""
     block_bytes = other = 0
     for name, (shape, dtype) in ckpt.tensors.items():
@@ -287,8 +288,6 @@ def set_block_offload(model: nn.Module, num_blocks_on_gpu: int, use_pin_memory: 
     """
     n = len(model.transformer_blocks)
     if getattr(model.qwen_edit_info, "backend", "portable") == "nunchaku":
-        from .nunchaku_backend import NunchakuBlockStreamer
-
         streamer = getattr(model, "_qwen_edit_streamer", None)
         if streamer is None:
             if num_blocks_on_gpu >= n:
@@ -409,7 +408,7 @@ def stream_buffer_bytes(block_bytes: int, packed_block_bytes: int, compute: str)
 
 
 def file_sizes(
-    transformer: str | Path,
+    transformer: str | Path | SVDQCheckpoint,
     text_encoder: str | Path | None,
     vae: str | Path | None,
     *,
@@ -417,12 +416,12 @@ def file_sizes(
     backend: str,
     compute: str,
 ) -> dict:
-    """plan_offload's size arguments from the files (headers and sizes only, nothing loaded)."""
-    from .hardware import describe_device
-    from .nunchaku_backend import status
-    from .transformer import choose_backend, choose_compute
+    """plan_offload's size arguments from the files (headers and sizes only, nothing loaded).
 
-    ckpt = read_checkpoint(transformer)
+    `transformer`: the file, or its `read_checkpoint` description, so that a caller that loads the
+    file next (or has loaded it: `model.qwen_edit_checkpoint`) reads its header only once.
+    """
+    ckpt = transformer if isinstance(transformer, SVDQCheckpoint) else read_checkpoint(transformer)
     info = describe_device(device)
     if backend not in ("portable", "nunchaku"):
         backend = choose_backend(backend, info, ckpt.precision, status())[0]

@@ -9,8 +9,6 @@ configured folders: no absolute paths, no `..`, no symlink that leads outside.
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,25 +117,3 @@ def confine(path: Path, folder: Path, field_name: str) -> Path:
     if real != root and root not in real.parents:
         raise UnsafeModelNameError(f"{path} leads outside {folder} (a symlink?)", field=field_name)
     return real
-
-
-def safetensors_complete(path: str | Path) -> tuple[bool, str]:
-    """Whether a .safetensors file holds every byte its header promises (a cut-off download doesn't),
-    and if not, why. Reads the header only; other files count as complete."""
-    path = Path(path)
-    if path.suffix not in MODEL_SUFFIXES:
-        return True, ""
-    size = path.stat().st_size
-    try:
-        with path.open("rb") as fh:
-            (header_len,) = struct.unpack("<Q", fh.read(8))
-            if header_len > min(size, 100 << 20):
-                return False, f"not a safetensors file (header length {header_len})"
-            header = json.loads(fh.read(header_len))
-    except (OSError, struct.error, ValueError) as exc:
-        return False, f"unreadable header ({exc})"
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    expected = 8 + header_len + end
-    if size < expected:
-        return False, f"truncated: {size} of {expected} bytes (an interrupted download?)"
-    return True, ""

@@ -30,7 +30,8 @@ from .model import comfy_forward
 from .offload import OffloadPlan
 from .params import MAX_IMAGES, EditParams, ParameterError
 from .sampling import SamplingCancelled, needs_uncond, sample, x0_from_flow
-from .settings import LoraSpec, ModelFiles, PipelineSpec, demo_settings, load_settings, resolve_spec
+from .settings import LoraSpec, ModelFiles, PipelineSpec, load_settings, resolve_spec
+from .svdq.checkpoint import read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +149,8 @@ class QwenEditPipeline:
         clock.done("imports")
         device = torch.device(device) if device is not None else default_device()
         tokenizer_path = tokenizer if tokenizer is not None else find_tokenizer(Path(text_encoder))
-        sizes = offload.file_sizes(
-            transformer, text_encoder, vae, device=device, backend=backend, compute=compute
-        )
+        ckpt = read_checkpoint(transformer)  # the header, read once: planning and loading share it
+        sizes = offload.file_sizes(ckpt, text_encoder, vae, device=device, backend=backend, compute=compute)
         plan = offload.plan_offload(
             cpu_offload=cpu_offload, num_blocks_on_gpu=num_blocks_on_gpu, use_pin_memory=use_pin_memory,
             budget=offload.vram_budget(device) if device.type == "cuda" else None,
@@ -160,7 +160,7 @@ class QwenEditPipeline:
         clock.done("plan")
         staging = torch.device("cpu") if plan.encoders_on_cpu else device
         model = load_transformer(
-            transformer, backend=backend, compute=compute, device=device, use_pin_memory=plan.use_pin_memory,
+            ckpt, backend=backend, compute=compute, device=device, use_pin_memory=plan.use_pin_memory,
             num_blocks_on_gpu=plan.blocks_on_gpu if plan.streams_blocks else None, compile=compile,
         )  # fmt: skip
         clock.done("transformer")
@@ -185,11 +185,11 @@ class QwenEditPipeline:
 
     @classmethod
     def from_spec(cls, spec: PipelineSpec) -> QwenEditPipeline:
-        """Build from a resolved `settings.PipelineSpec` (`settings.resolve_spec`, `settings.demo_settings`):
-        what the CLI, the worker and `from_config` load through."""
+        """Build from a resolved `settings.PipelineSpec` (`settings.resolve_spec`; the demo's:
+        `testing.demo.demo_settings`): what the CLI, the worker and `from_config` load through."""
         pipe = cls.from_files(**spec.from_files_kwargs())
         if spec.demo:  # a CPU can't run even the tiny model at 1 megapixel "in seconds"
-            from .demo import DEMO_OUTPUT_MEGAPIXELS, DEMO_REFERENCE_AREA
+            from .testing.demo import DEMO_OUTPUT_MEGAPIXELS, DEMO_REFERENCE_AREA
 
             pipe.reference_area, pipe.output_megapixels = DEMO_REFERENCE_AREA, DEMO_OUTPUT_MEGAPIXELS
         pipe.spec = spec
@@ -221,6 +221,8 @@ class QwenEditPipeline:
 
         Runs the whole path on a CPU in seconds; the images are noise, the code path is the real one.
         """
+        from .testing.demo import demo_settings
+
         spec = resolve_spec(demo_settings(cache_dir), device=device, compute=compute, compile=compile)
         return cls.from_spec(spec)
 
@@ -318,7 +320,8 @@ class QwenEditPipeline:
 
     def _sizes(self) -> dict:
         info = self.transformer.qwen_edit_info
-        sizes = offload.file_sizes(info.path, None, None, device=self.device, backend=info.backend,
+        ckpt = getattr(self.transformer, "qwen_edit_checkpoint", None) or info.path  # no header re-read
+        sizes = offload.file_sizes(ckpt, None, None, device=self.device, backend=info.backend,
                                    compute=info.compute)  # fmt: skip
         sizes["text_encoder_bytes"] = offload.module_bytes(self.text_encoder)
         sizes["vae_bytes"] = offload.module_bytes(self.vae)
@@ -356,6 +359,8 @@ class QwenEditPipeline:
         """Edit 1-3 images following `prompt`; returns `batch_size` images.
 
         Output size: `width` x `height` (multiples of 16) if given, else image 1 at about one megapixel.
+        The encoders see image 1 at that megapixel budget (the workflow's ImageScaleToTotalPixels) and
+        images 2 and 3 as given.
         `callback(step, total, x0_latent)` runs after each step; `cancel()` is polled between steps
         and stops the edit with `SamplingCancelled`.
         """
@@ -373,10 +378,15 @@ class QwenEditPipeline:
     def _edit(self, params: EditParams, pictures: list[Image.Image], callback, cancel) -> EditResult:
         timings: dict = {}
         start = time.perf_counter()
+        # The workflow gives TextEncodeQwenImageEditPlus image 1 after ImageScaleToTotalPixels (the same
+        # node output VAEEncode turns into the latent), images 2 and 3 as loaded: both text encode nodes
+        # take image1 from that node (nunchaku-tech/ComfyUI-nunchaku@dbfd194,
+        # example_workflows/nunchaku-qwen-image-edit-2509.json and its -lightning twin).
+        node_images = [conditioning.scale_to_megapixels(pictures[0], self.output_megapixels), *pictures[1:]]
 
         with self._stage("text_encode", timings, self.text_encoder):
-            cond = self._encode(params.prompt, pictures)
-            uncond = self._encode(params.negative_prompt, pictures) if needs_uncond(params.cfg) else None
+            cond = self._encode(params.prompt, node_images)
+            uncond = self._encode(params.negative_prompt, node_images) if needs_uncond(params.cfg) else None
 
         with self._stage("vae_encode", timings, self.vae):
             from .vae import encode_images
@@ -386,7 +396,7 @@ class QwenEditPipeline:
                 encode_images(self.vae, conditioning.reference_pixels(p, self.reference_area, vae_device))
                 .unsqueeze(2)
                 .to(self.device)
-                for p in pictures
+                for p in node_images
             ]
             b = params.batch_size
             if params.denoise < 1.0:  # img2img from image 1, as the workflow's VAEEncode latent

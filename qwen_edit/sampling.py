@@ -7,8 +7,7 @@ checked bit for bit against ComfyUI's own functions at the commit below.
 
 Source of truth (re-implemented here, not copied), cited as ``CUI:path:lines``:
     CUI = Comfy-Org/ComfyUI@a125cd84b054a57729b5eecab930ca9408719832 (2025-10-11), which is the
-    same code as comfyanonymous/ComfyUI at that date and the commit /work/shared/docs/comfy-semantics.md
-    is written against.
+    same code as comfyanonymous/ComfyUI at that date.
 
 Conventions the pipeline must follow (see also ``sample``):
 
@@ -410,6 +409,8 @@ def beta_ppf(q: np.ndarray | float, a: float, b: float) -> np.ndarray:
     return out
 
 
+# Process-wide: the beta scheduler's Newton solves cost milliseconds, and a worker asks for the same few
+# step counts again and again. Bound: 256 entries of one int per step (a few KiB each).
 @functools.lru_cache(maxsize=256)
 def _beta_indices(steps: int, alpha: float, beta: float, total_timesteps: int) -> tuple[int, ...]:
     # CUI:comfy/samplers.py:464-476: quantiles 1, 1-1/N, ..., 1/N; rint(ppf * 999); consecutive duplicates

@@ -47,12 +47,12 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from .backend import BACKENDS, COMPUTES
 from .errors import ModelNotFoundError, ParameterError, SettingsError, SettingsNotFoundError
 from .hardware import describe_device, nunchaku_precision_error
 from .offload import CPU_OFFLOAD_MODES
 from .params import EditParams
 from .paths import TEXT_ENCODER_FILE, TRANSFORMER_FILE, VAE_FILE, ModelFolders
-from .transformer import BACKENDS, COMPUTES
 
 DEFAULT_MODELS = {
     "transformer": "auto",
@@ -87,7 +87,7 @@ class Settings:
     use_pin_memory: bool = False
     compile: bool = False
     generation: dict = field(default_factory=dict)
-    # Not settings-file keys: what `demo_settings` sets for the tiny demo model.
+    # Not settings-file keys: what `testing.demo.demo_settings` sets for the tiny demo model.
     text_encoder_config: dict | None = None
     demo: bool = False
 
@@ -446,25 +446,4 @@ def load_settings(config: str | Path | Mapping | list) -> Settings:
         raise SettingsError(exc.field, exc.message) from None
     settings.edit_defaults()
     settings.lora_list()
-    return settings
-
-
-def demo_settings(cache_dir: str | Path | None = None, layers: Sequence = ()) -> Settings:
-    """Settings for the tiny demo model: its files (written once into `cache_dir`) as the model folders,
-    the CPU, the portable backend in bf16; `layers` (settings files or dicts) go on top."""
-    from .demo import demo_files
-
-    files = demo_files(cache_dir)
-    folder = Path(files["transformer"]).parent
-    (folder / "loras").mkdir(exist_ok=True)
-    section = {"base_path": str(folder), "diffusion_models": ".", "clip": ".", "vae": ".", "tokenizers": ".",
-               "loras": "loras"}  # fmt: skip
-    demo = {
-        "model_paths": {"demo": section},
-        "models": {name: Path(files[name]).name for name in ("transformer", "text_encoder", "vae")},
-        "device": "cpu", "backend": "portable", "compute": "bf16",
-    }  # fmt: skip
-    settings = load_settings([demo, *layers])
-    settings.text_encoder_config = files["text_encoder_config"]
-    settings.demo = True
     return settings

@@ -1,6 +1,7 @@
 """The Qwen2.5-VL-7B text encoder of Qwen-Image-Edit-2509, loaded without ComfyUI.
 
-Accepted files (all hold the same network; shared/docs/comfy-semantics.md §4a):
+Accepted files (all hold the same network; ComfyUI reads the first with comfy/sd.py:919-962 and
+comfy/ops.py:379-428 at Comfy-Org/ComfyUI@a125cd8):
 - ComfyUI's `qwen_2.5_vl_7b_fp8_scaled.safetensors`: every Linear weight is float8_e4m3fn with a float32
   `scale_weight` (W = fp8 * scale_weight), plus unused `scale_input`s, an unused `lm_head.weight` and an
   empty `scaled_fp8` marker. Newer ComfyUI spells the scales `weight_scale` / `input_scale` and adds
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import types
 from collections.abc import Iterator, Sequence
@@ -36,6 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .errors import TextEncoderFileError
 from .fp8 import FP8, fp8_linear, quantize_weight_per_channel
 from .hardware import describe_device
+from .header import HeaderError, few, read_header
 
 if TYPE_CHECKING:
     from transformers import Qwen2_5_VLConfig
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 COMPUTES = ("auto", "fp8", "upcast")
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
 # Qwen2.5-VL-7B-Instruct as Qwen/Qwen-Image-Edit-2509 ships it in text_encoder/config.json
-# (shared/data/manifests/qwen_image_edit_2509_configs.json); ComfyUI hard-codes the same values
+# (huggingface.co/Qwen/Qwen-Image-Edit-2509 @983d8d2); ComfyUI hard-codes the same values
 # (Comfy-Org/ComfyUI@a125cd8:comfy/text_encoders/llama.py:57-77, qwen_vl.py:263-284).
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "qwen25_vl_7b.json"
 EXPECTED_FILES = (
@@ -65,6 +66,9 @@ _PREFIXES = (
     ("language_model.", "language_model."),
     ("model.", "language_model."),
 )
+# <|endoftext|>: the pad id ComfyUI gives the Qwen2.5-VL encoder (Comfy-Org/ComfyUI@a125cd8,
+# comfy/text_encoders/qwen_image.py:52).
+END_OF_TEXT_ID = 151643
 _SCALE_LEAVES = ("scale_weight", "weight_scale")  # legacy scaled-fp8 / newer ComfyUI quant format
 _UNUSED_LEAVES = ("scale_input", "input_scale", "comfy_quant")  # ComfyUI ignores these for the TE
 # Kept in the files, never read: the encoder returns hidden states, not logits (ComfyUI comments the
@@ -220,11 +224,6 @@ def model_param_name(file_key: str) -> str | None:
     return None
 
 
-def _few(names: Sequence[str], n: int = 5) -> str:
-    names = list(names)
-    return ", ".join(names[:n]) + (f", ... (+{len(names) - n} more)" if len(names) > n else "")
-
-
 def plan_load(model: nn.Module, specs: dict[str, TensorSpec], source: str = "the file") -> LoadPlan:
     """Match every file tensor to a parameter (strict both ways), or raise TextEncoderFileError."""
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
@@ -277,11 +276,11 @@ def plan_load(model: nn.Module, specs: dict[str, TensorSpec], source: str = "the
         elif scale_key is not None and specs[scale_key][1] not in ((), (1,), expected[f"{owner}.weight"][:1]):
             problems.append(f"{scale_key} has shape {list(specs[scale_key][1])}; expected [] or [out]")
     if unexpected:
-        problems.insert(0, f"{len(unexpected)} file tensors match no model parameter: {_few(unexpected)}")
+        problems.insert(0, f"{len(unexpected)} file tensors match no model parameter: {few(unexpected)}")
     if missing:
-        problems.insert(0, f"{len(missing)} model parameters are not in the file: {_few(missing)}")
+        problems.insert(0, f"{len(missing)} model parameters are not in the file: {few(missing)}")
     if wrong_shape:
-        problems.insert(0, f"{len(wrong_shape)} tensors have the wrong shape: {_few(wrong_shape, 3)}")
+        problems.insert(0, f"{len(wrong_shape)} tensors have the wrong shape: {few(wrong_shape, 3)}")
     if problems:
         hidden = expected["language_model.norm.weight"][0]
         raise TextEncoderFileError(
@@ -355,23 +354,18 @@ class _Source:
 
 
 def _read_headers(files: Sequence[Path]) -> tuple[dict[str, TensorSpec], dict[str, Path]]:
-    from safetensors import safe_open
-
     specs: dict[str, TensorSpec] = {}
     where: dict[str, Path] = {}
     for file in files:
         try:
-            handle = safe_open(str(file), framework="pt")
-        except Exception as exc:  # safetensors raises its own error types for other formats
+            header = read_header(file)
+        except HeaderError as exc:
             raise TextEncoderFileError(
-                f"{file} is not a readable .safetensors file ({exc}). Expected {EXPECTED_FILES}; "
-                "GGUF and .ckpt/.bin text encoders are not supported."
+                f"{exc}. Expected {EXPECTED_FILES}; GGUF and .ckpt/.bin text encoders are not supported."
             ) from exc
-        with handle as f:
-            for key in f.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
-                piece = f.get_slice(key)
-                specs[key] = (piece.get_dtype(), tuple(piece.get_shape()))
-                where[key] = file
+        for key, tensor in header.tensors.items():
+            specs[key] = (tensor.dtype, tensor.shape)
+            where[key] = file
     return specs, where
 
 
@@ -400,7 +394,7 @@ def _open_folder(folder: Path) -> _Source:
         if absent:
             raise FileNotFoundError(
                 f"{folder} lists {len(shards)} weight shards in {index.name} but {len(absent)} are missing: "
-                f"{_few(absent)}. Download the whole text_encoder/ folder of Qwen/Qwen-Image-Edit-2509."
+                f"{few(absent)}. Download the whole text_encoder/ folder of Qwen/Qwen-Image-Edit-2509."
             )
         files = [folder / s for s in shards]
     else:
@@ -442,22 +436,6 @@ def _roles(model: nn.Module) -> dict[str, str]:
         elif isinstance(module, nn.Embedding):
             roles[f"{name}.weight"] = "embed"
     return roles
-
-
-def estimate_parameter_bytes(
-    model: nn.Module, plan: LoadPlan, specs: dict[str, TensorSpec], *, compute: str, dtype: torch.dtype
-) -> int:
-    """Bytes the loaded parameters will take, from the file header alone (no tensor data read)."""
-    roles = _roles(model)
-    total = 0
-    for name, key in plan.params.items():
-        file_dtype, shape = specs[key]
-        stored = _stored_dtype(roles.get(name, "other"), _ST_DTYPES[file_dtype], compute, dtype)
-        total += math.prod(shape) * stored.itemsize
-        if stored == FP8 and not file_dtype.startswith("F8"):
-            total += shape[0] * 4  # per-channel float32 scales made at load
-    total += sum(4 * max(1, math.prod(specs[k][1])) for k in plan.scales.values())
-    return total
 
 
 def parameter_bytes(model: nn.Module) -> int:
@@ -671,6 +649,29 @@ def compile_text_encoder(model: nn.Module) -> None:
         module.compile(dynamic=True)
 
 
+def comfy_attention_mask(
+    input_ids: Sequence[int] | torch.Tensor, image_spans: Sequence[tuple[int, int]] = ()
+) -> list[int] | None:
+    """The key mask ComfyUI's Qwen2.5-VL encoder applies to one sequence (1 = attended), or None if it
+    masks nothing.
+
+    ComfyUI builds the encoder with `special_tokens={"pad": 151643}` and attention masks on
+    (Comfy-Org/ComfyUI@a125cd8, comfy/text_encoders/qwen_image.py:50-52). With no end token, the first
+    text token equal to that pad id (<|endoftext|>, which a prompt may hold literally) and every text
+    token after it get mask 0 (comfy/sd1_clip.py:170-200); image embeddings spliced in later always get
+    1 (:232). The LLM turns the mask into -inf on those keys, on top of the causal mask
+    (comfy/text_encoders/llama.py:391-400); the masked positions still produce hidden states.
+    """
+    ids = torch.as_tensor(input_ids).reshape(-1).tolist()
+    image = [False] * len(ids)
+    for start, count in image_spans:
+        image[start : start + count] = [True] * count
+    first = next((i for i, t in enumerate(ids) if t == END_OF_TEXT_ID and not image[i]), None)
+    if first is None:
+        return None
+    return [1 if i < first or image[i] else 0 for i in range(len(ids))]
+
+
 @torch.inference_mode()
 def encode_tokens(
     model: nn.Module,
@@ -684,6 +685,7 @@ def encode_tokens(
     images: (pixel_values [N, 1176], grid_thw [1, 3]) per image, from tokenizer.preprocess_vision_image;
     image_spans: (start, length) of each image's tokens in input_ids; their ids are ignored and their
     embeddings replaced by the vision tower's output, as ComfyUI splices them in (sd1_clip.py:203-234).
+    A literal <|endoftext|> and the text after it are masked as attention keys (`comfy_attention_mask`).
     """
     if len(images) != len(image_spans):
         raise ValueError(f"{len(images)} images but {len(image_spans)} image spans; give one span per image")
@@ -706,174 +708,8 @@ def _encode_tokens(model, input_ids, images, image_spans) -> torch.Tensor:
         grids.append(torch.as_tensor(grid_thw).reshape(-1).tolist())
     merge = model.visual.spatial_merge_size
     positions = mrope_position_ids(ids.shape[1], image_spans, grids, merge).to(device)
-    out = lm(inputs_embeds=embeds, position_ids=positions, use_cache=False)
+    keys = comfy_attention_mask(input_ids, image_spans)
+    # Only a sequence that masks something passes a mask: without one the LLM keeps its plain causal path.
+    mask = None if keys is None else torch.tensor([keys], dtype=torch.long, device=device)
+    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
     return out.last_hidden_state
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Test files
-
-# The 7B config's structure with small widths: text 32 wide (2 heads of 16, 1 KV head, M-RoPE sections
-# summing to 8), vision 32 wide with an MLP of 40 (like the real 3420, not a multiple of 16) and one
-# full-attention block of two. The vocabulary stays real so the real tokenizer's ids fit.
-_TINY_TEXT = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "max_window_layers": 2,
-}
-_TINY_VISION = {
-    "depth": 2,
-    "fullatt_block_indexes": [1],
-    "hidden_size": 32,
-    "intermediate_size": 40,
-    "num_heads": 2,
-    "out_hidden_size": 32,
-}
-
-
-def tiny_text_encoder_config(*, vision_config: dict | None = None, **text_overrides) -> dict:
-    """A small Qwen2.5-VL config dict in the format of text_encoder/config.json.
-
-    text_overrides replace text-model keys (hidden_size, num_hidden_layers, vocab_size, mrope_section, ...),
-    vision_config replaces vision-tower keys (depth, hidden_size, ...).
-    """
-    config = json.loads(DEFAULT_CONFIG.read_text())
-    text = {**_TINY_TEXT, **text_overrides}
-    mrope = text.pop("mrope_section", [2, 3, 3])
-    text["layer_types"] = ["full_attention"] * text["num_hidden_layers"]
-    rope = {**config["rope_scaling"], "mrope_section": mrope}
-    config.update(text, rope_scaling=rope)
-    config["text_config"].update(text, rope_scaling=rope)
-    config["vision_config"].update(
-        {**_TINY_VISION, "out_hidden_size": text["hidden_size"], **(vision_config or {})}
-    )
-    return config
-
-
-@torch.no_grad()
-def random_text_encoder_weights(
-    config: dict, seed: int = 0, device: torch.device | str = "cpu"
-) -> dict[str, torch.Tensor]:
-    """float32 weights for every parameter of the model `config` describes (Qwen2_5_VLModel names) plus
-    `lm_head.weight`, from a generator on `device` seeded with `seed`, scaled so activations stay O(1).
-    (A GPU makes the full-size 7B weights for benchmarks in seconds.)"""
-    model = empty_text_encoder(config)
-    generator = torch.Generator(device).manual_seed(seed)
-    weights = {}
-    for name, param in model.named_parameters():
-        shape = tuple(param.shape)
-        if name.endswith("norm.weight") or "norm1" in name or "norm2" in name or "ln_q" in name:
-            value = 1.0 + 0.1 * torch.randn(shape, generator=generator, device=device)
-        elif name.endswith(".bias"):
-            value = 0.05 * torch.randn(shape, generator=generator, device=device)
-        elif name.endswith("embed_tokens.weight"):
-            value = torch.randn(shape, generator=generator, device=device)
-        else:  # Linear and patch conv: variance 1/fan_in keeps each layer's output near its input's scale
-            value = torch.randn(shape, generator=generator, device=device) / math.sqrt(math.prod(shape[1:]))
-        weights[name] = value
-    text = model.language_model.config
-    lm_head = torch.randn(text.vocab_size, text.hidden_size, generator=generator, device=device)
-    weights["lm_head.weight"] = lm_head * 0.05
-    return weights
-
-
-def _linear_weight_names(config: dict) -> set[str]:
-    model = empty_text_encoder(config)
-    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, ScaledLinear)}
-
-
-def write_comfy_text_encoder(
-    path: str | Path,
-    *,
-    fp8: bool = True,
-    seed: int = 0,
-    quant_format: str = "scaled_fp8",
-    config: dict | None = None,
-    device: torch.device | str = "cpu",
-    **config_overrides,
-) -> dict:
-    """Write a small random Qwen2.5-VL in ComfyUI's single-file format; returns its config dict.
-
-    Same names and dtypes as qwen_2.5_vl_7b_fp8_scaled.safetensors (shared/data/manifests), only smaller:
-    with fp8, every Linear weight is float8_e4m3fn with a float32 scalar scale_weight (absmax / 448) and
-    scale_input (1.0), everything else bf16, lm_head.weight included, plus the empty `scaled_fp8` marker
-    and no metadata. quant_format="comfy_quant" writes newer ComfyUI's spelling instead (weight_scale and a
-    `comfy_quant` JSON marker per layer, no scaled_fp8). fp8=False writes the bf16 single file.
-    Pass the returned config to `load_text_encoder(..., config=)`.
-    """
-    from safetensors.torch import save_file
-
-    if quant_format not in ("scaled_fp8", "comfy_quant"):
-        raise ValueError(f"quant_format must be 'scaled_fp8' or 'comfy_quant', got {quant_format!r}")
-    config = config if config is not None else tiny_text_encoder_config(**config_overrides)
-    linear_weights = _linear_weight_names(config)
-    tensors = {}
-    for name, value in random_text_encoder_weights(config, seed, device).items():
-        key = "model." + name[len("language_model.") :] if name.startswith("language_model.") else name
-        if fp8 and name in linear_weights:
-            layer = key[: -len(".weight")]
-            scale = value.abs().max() / torch.finfo(FP8).max
-            tensors[key] = (value / scale).to(FP8)
-            if quant_format == "scaled_fp8":
-                tensors[f"{layer}.scale_weight"] = scale.float().reshape(())
-                tensors[f"{layer}.scale_input"] = torch.ones((), dtype=torch.float32)
-            else:
-                tensors[f"{layer}.weight_scale"] = scale.float().reshape(())
-                marker = json.dumps({"format": "float8_e4m3fn"}).encode()
-                tensors[f"{layer}.comfy_quant"] = torch.tensor(list(marker), dtype=torch.uint8)
-        else:
-            tensors[key] = value.to(torch.bfloat16)
-    if fp8 and quant_format == "scaled_fp8":
-        tensors["scaled_fp8"] = torch.empty(0, dtype=FP8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path))
-    return config
-
-
-def write_hf_text_encoder(
-    folder: str | Path,
-    *,
-    seed: int = 0,
-    shards: int = 2,
-    layout: str = "legacy",
-    config: dict | None = None,
-    **config_overrides,
-) -> dict:
-    """Write a small random Qwen2.5-VL as a diffusers `text_encoder/` folder; returns its config dict.
-
-    config.json plus bf16 shards model-0000i-of-0000n.safetensors and model.safetensors.index.json.
-    layout="legacy" names tensors visual.* / model.* / lm_head.weight (what transformers 4.5x's
-    save_pretrained writes for this model); layout="v5" uses model.visual.* / model.language_model.*.
-    """
-    from safetensors.torch import save_file
-
-    if layout not in ("legacy", "v5"):
-        raise ValueError(f"layout must be 'legacy' or 'v5', got {layout!r}")
-    config = config if config is not None else tiny_text_encoder_config(**config_overrides)
-    tensors = {}
-    for name, value in random_text_encoder_weights(config, seed).items():
-        if layout == "v5" and name != "lm_head.weight":
-            key = "model." + name
-        elif name.startswith("language_model."):
-            key = "model." + name[len("language_model.") :]
-        else:
-            key = name
-        tensors[key] = value.to(torch.bfloat16).contiguous()
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    keys = sorted(tensors)
-    weight_map = {}
-    for i in range(shards):
-        shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = keys[i::shards]
-        save_file({k: tensors[k] for k in part}, str(folder / shard), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, shard))
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}}
-    index["weight_map"] = weight_map
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return config

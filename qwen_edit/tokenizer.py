@@ -1,6 +1,6 @@
 """Prompt and image inputs of the Qwen2.5-VL text encoder, exactly as ComfyUI's TextEncodeQwenImageEditPlus.
 
-Three pieces (shared/docs/comfy-semantics.md §1.1-1.3 and §6), all from Comfy-Org/ComfyUI@a125cd8:
+Three pieces, all from Comfy-Org/ComfyUI@a125cd8 (a125cd84b054a57729b5eecab930ca9408719832):
 - the Qwen2.5 BPE tokenizer, from ComfyUI's bundled folder (vocab.json, merges.txt,
   tokenizer_config.json) or the `tokenizer/` folder of Qwen/Qwen-Image-Edit-2509;
 - the vision preprocessing: an "area" resize to about 384x384 (comfy_extras/nodes_qwen.py:81-85), a
@@ -14,7 +14,6 @@ Three pieces (shared/docs/comfy-semantics.md §1.1-1.3 and §6), all from Comfy-
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 from collections.abc import Sequence
@@ -30,7 +29,6 @@ from PIL import Image, ImageOps
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-log = logging.getLogger(__name__)
 
 PAD_ID = 151643  # <|endoftext|>, ComfyUI's pad token (qwen_image.py:11)
 IM_START_ID = 151644
@@ -101,12 +99,15 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 
 def comfy_tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Token ids as ComfyUI's SDTokenizer.tokenize_with_weights with weights disabled (sd1_clip.py:526-626).
+    """Token ids as ComfyUI's SDTokenizer.tokenize_with_weights with weights disabled.
 
-    Besides plain tokenization this keeps ComfyUI's quirks: `\\(` and `\\)` lose their backslash (the
-    escape/unescape round trip, :344-352, :536-545), the text is tokenized in pieces split before
-    " embedding:" / "\\nembedding:" (:546-551), and since no textual-inversion embedding is ever found,
-    the word after "embedding:" is dropped (:552-568). An empty result becomes one pad token (min_length=1).
+    Comfy-Org/ComfyUI@a125cd8, comfy/sd1_clip.py:526-626. Besides plain tokenization this keeps ComfyUI's
+    quirks: `\\(` and `\\)` lose their backslash (the escape/unescape round trip, :344-352, :536-545),
+    and the text is tokenized in pieces split before " embedding:" / "\\nembedding:" (:546-551), the
+    space or newline before each "embedding:" consumed by the split. The words themselves stay text:
+    the Qwen tokenizer is built without an embedding directory (Qwen25_7BVLITokenizer passes none to
+    SDTokenizer, comfy/text_encoders/qwen_image.py:8-11), so the textual-inversion lookup (:554-568)
+    never runs. An empty result becomes one pad token (min_length=1, :620-621).
     """
     text = text.replace("\\)", "\0\1").replace("\\(", "\0\2")
     text = text.replace("\0\1", ")").replace("\0\2", "(")
@@ -114,29 +115,9 @@ def comfy_tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     words = [pieces[0]] + [_EMBEDDING + p for p in pieces[1:]]
     ids: list[int] = []
     for word in words:
-        if word == "":
-            continue
-        if word.startswith(_EMBEDDING):
-            word = _without_missing_embedding(word)
-            if word == "":
-                continue
-        ids += tokenizer(word)["input_ids"]
+        if word != "":
+            ids += tokenizer(word)["input_ids"]
     return ids or [PAD_ID]
-
-
-def _without_missing_embedding(word: str) -> str:
-    """What ComfyUI tokenizes of "embedding:NAME rest" when NAME does not exist (sd1_clip.py:509-523)."""
-    parts = word[len(_EMBEDDING) :].strip("\n").split()
-    if not parts:  # ComfyUI raises IndexError here; nothing is left to tokenize
-        return ""
-    name, leftover = parts[0], " ".join(parts[1:])
-    stripped = name.strip(",")
-    if len(stripped) < len(name):
-        leftover = f"{name[len(stripped) :]} {leftover}"
-    log.warning(
-        "prompt word %r dropped: ComfyUI drops unknown textual-inversion embeddings", _EMBEDDING + name
-    )
-    return leftover
 
 
 @dataclass

@@ -18,28 +18,26 @@ import torch
 from torch import nn
 
 from . import nunchaku_backend
-from .errors import NunchakuUnavailableError
-from .hardware import DeviceInfo, UnsupportedHardwareError, describe_device, nunchaku_precision_error
+from .backend import NunchakuUnavailableError as NunchakuUnavailableError  # raised by load_transformer
+from .backend import choose_backend, choose_compute
+from .hardware import describe_device
+from .header import few
 from .model import build_model, use_fused_fp8_mlp
-from .nunchaku_backend import NunchakuStatus, version_problem
+from .offload import set_block_offload
 from .svdq.checkpoint import (
-    AWQ_LAYERS,
-    SVDQ_LAYERS,
     CheckpointError,
     SVDQCheckpoint,
     check_tensors,
     expected_tensors,
-    few,
     group_by_layer,
     load_tensors,
+    quantized_layer_kinds,
     read_checkpoint,
 )
-from .svdq.layers import INT4_FC2_SHIFT, AWQLinear, DequantizedLinear, SVDQLinear
+from .svdq.layers import AWQLinear, DequantizedLinear, SVDQLinear
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "nunchaku", "portable")
-COMPUTES = ("auto", "bf16", "fp8")
 UNUSED_AT_RUNTIME = ("smooth_factor_orig",)  # nunchaku linear.py: kept in files, never read
 
 
@@ -57,57 +55,8 @@ class TransformerInfo:
     load_seconds: float
 
 
-def choose_backend(
-    backend: str, info: DeviceInfo, precision: str, installed: NunchakuStatus
-) -> tuple[str, str]:
-    """(backend, reason). Raises where the requested backend cannot work here, saying what to do.
-
-    "auto" takes Nunchaku where the card has kernels for the file's precision and a working Nunchaku
-    of a version that supports the card is installed; where Nunchaku can't run (not installed, broken,
-    too old) it falls back to the portable backend with a warning, whatever the file. A card with
-    kernels for the *other* precision and a working Nunchaku is an error: almost surely the wrong file.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "portable":
-        return "portable", "backend='portable' was requested"
-    card_problem = nunchaku_precision_error(info, precision)
-    install_problem = installed.problem() or (version_problem(info, installed) if installed.ok else None)
-    if backend == "nunchaku":
-        if card_problem:
-            raise UnsupportedHardwareError(card_problem)
-        if install_problem:
-            raise NunchakuUnavailableError(install_problem)
-        return "nunchaku", f"{info.name} ({info.sm}) runs {precision} files with Nunchaku's kernels"
-    # auto
-    if info.nunchaku_precision is None:
-        if info.capability == (7, 5):
-            return "portable", card_problem
-        return "portable", f"{info.name} ({info.sm}) has no Nunchaku kernels; using dequantized weights"
-    if install_problem:
-        log.warning(
-            "%s could run %s files with Nunchaku's 4-bit kernels, but: %s Falling back to the portable "
-            "backend (dequantized weights: more memory).",
-            info.name,
-            info.nunchaku_precision,
-            install_problem,
-        )
-        return "portable", f"Nunchaku can't run here: {install_problem}"
-    if card_problem:  # a card with 4-bit kernels, but for the other precision: almost surely the wrong file
-        raise UnsupportedHardwareError(card_problem)
-    return "nunchaku", f"{info.name} ({info.sm}) runs {precision} files with Nunchaku's kernels"
-
-
-def choose_compute(compute: str, info: DeviceInfo) -> str:
-    if compute not in COMPUTES:
-        raise ValueError(f"compute must be one of {COMPUTES}, got {compute!r}")
-    if compute == "auto":
-        return "fp8" if info.has_fp8_tensor_cores else "bf16"
-    return compute
-
-
 def load_transformer(
-    path: str | Path,
+    path: str | Path | SVDQCheckpoint,
     *,
     backend: str = "auto",
     compute: str = "auto",
@@ -126,9 +75,12 @@ def load_transformer(
     on from CPU memory (pinned with `use_pin_memory`), see offload.py. They never occupy the GPU whole.
     compile: torch.compile each block (portable backend): 1.27x (bf16) and 1.92x (fp8) faster steps on
     an H100, for 14-21 s of compilation at the first step (benchmarks/RESULTS.md).
+    path: the file, or its `read_checkpoint` description when the caller has read the header already
+    (the pipeline plans memory from it first). The description stays on the model as
+    `model.qwen_edit_checkpoint`, where offload planning and block streaming find it later.
     """
     start = time.perf_counter()
-    ckpt = read_checkpoint(path)
+    ckpt = path if isinstance(path, SVDQCheckpoint) else read_checkpoint(path)
     info = describe_device(device)
     chosen, reason = choose_backend(backend, info, ckpt.precision, nunchaku_backend.status())
     streamed_from = ckpt.num_layers if num_blocks_on_gpu is None else num_blocks_on_gpu
@@ -144,9 +96,8 @@ def load_transformer(
     model.qwen_edit_info = TransformerInfo(
         str(ckpt.path), chosen, mode, ckpt.precision, ckpt.rank, str(info.device), reason, seconds
     )
+    model.qwen_edit_checkpoint = ckpt
     if streamed_from < ckpt.num_layers:
-        from .offload import set_block_offload
-
         set_block_offload(model, streamed_from, use_pin_memory)
     if compile and chosen == "portable":
         compile_blocks(model)
@@ -169,19 +120,6 @@ def compile_blocks(model: nn.Module) -> None:
     ]  # streamed shells run a buffer
     for block in [*blocks, *(streamer.buffers if streamer is not None else [])]:
         block.compile(dynamic=True)
-
-
-def quantized_layer_kinds(num_layers: int, precision: str) -> dict[str, tuple[str, float]]:
-    """{file prefix: (kind, act_shift)} for every quantized layer of a model with `num_layers` blocks."""
-    kinds = {}
-    for i in range(num_layers):
-        block = f"transformer_blocks.{i}"
-        for name, _, _ in SVDQ_LAYERS:
-            shift = INT4_FC2_SHIFT if precision == "int4" and name.endswith("mlp.net.2") else 0.0
-            kinds[f"{block}.{name}"] = ("svdq", shift)
-        for name in AWQ_LAYERS:
-            kinds[f"{block}.{name}"] = ("awq", 0.0)
-    return kinds
 
 
 @torch.no_grad()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -33,9 +32,9 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKLQwenImage
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import VAEFormatError
+from .header import HeaderError, few, read_header
 
 CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "qwen_image_vae.json"
 
@@ -170,7 +169,7 @@ def detect_layout(keys: Iterable[str], source: str = "weights") -> str:
         hint = "; it looks like a text encoder, not a VAE"
     raise VAEFormatError(
         f"{source} is not a Qwen-Image VAE: none of its {len(keys)} tensors is {COMFY_MARKER!r} (ComfyUI / "
-        f"Wan-2.1 names) or {DIFFUSERS_MARKER!r} (diffusers names){hint}. First keys: {_few(sorted(keys))}"
+        f"Wan-2.1 names) or {DIFFUSERS_MARKER!r} (diffusers names){hint}. First keys: {few(sorted(keys), 8)}"
     )
 
 
@@ -199,22 +198,17 @@ def match_vae_keys(
         cfg = model.config
         problems = []
         if missing:
-            problems.append(f"{len(missing)} missing: {_few(missing)}")
+            problems.append(f"{len(missing)} missing: {few(missing, 8)}")
         if unexpected:
-            problems.append(f"{len(unexpected)} unexpected: {_few(unexpected)}")
+            problems.append(f"{len(unexpected)} unexpected: {few(unexpected, 8)}")
         if mismatched:
-            problems.append(f"{len(mismatched)} with the wrong shape: {_few(mismatched)}")
+            problems.append(f"{len(mismatched)} with the wrong shape: {few(mismatched, 8)}")
         raise VAEFormatError(
             f"{source} ({layout} names) does not match AutoencoderKLQwenImage(base_dim={cfg.base_dim}, "
             f"z_dim={cfg.z_dim}, dim_mult={list(cfg.dim_mult)}, num_res_blocks={cfg.num_res_blocks}): "
             + "; ".join(problems)
         )
     return mapping
-
-
-def _few(names: Sequence[str], n: int = 8) -> str:
-    shown = ", ".join(names[:n])
-    return shown + (f", ... (+{len(names) - n} more)" if len(names) > n else "")
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -255,7 +249,7 @@ def load_vae(
     model.load_state_dict(state, strict=True, assign=True)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
-        raise RuntimeError(f"VAE tensors left unloaded on the meta device: {_few(left)}")
+        raise RuntimeError(f"VAE tensors left unloaded on the meta device: {few(left, 8)}")
     model.requires_grad_(False)
     return model.eval()
 
@@ -289,7 +283,7 @@ def _locate(path: Path) -> tuple[list[Path], dict | None]:
         absent = [str(s) for s in shards if not s.is_file()]
         if absent:
             raise FileNotFoundError(
-                f"VAE shards listed in {folder / DIFFUSERS_INDEX} are missing: {_few(absent)}"
+                f"VAE shards listed in {folder / DIFFUSERS_INDEX} are missing: {few(absent, 8)}"
             )
         return shards, config
     raise FileNotFoundError(f"no {DIFFUSERS_WEIGHTS} (or its .index.json) in {folder}: {expected}")
@@ -300,17 +294,13 @@ def _read_header(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str, Pat
     header = {}
     for file in files:
         try:
-            with safe_open(str(file), framework="pt") as handle:
-                entries = {}
-                for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                    piece = handle.get_slice(key)
-                    entries[key] = (tuple(piece.get_shape()), piece.get_dtype(), file)
-        except Exception as exc:  # safetensors raises its own error types for a damaged header
-            raise VAEFormatError(f"{file} is not a readable safetensors file: {exc}") from exc
+            entries = read_header(file).tensors
+        except HeaderError as exc:
+            raise VAEFormatError(f"{file} is not a readable safetensors file: {exc.cause}") from exc
         for key, entry in entries.items():
             if key in header:
                 raise VAEFormatError(f"tensor {key} appears in both {header[key][2]} and {file}")
-            header[key] = entry
+            header[key] = (entry.shape, entry.dtype, file)
     return header
 
 
@@ -551,49 +541,3 @@ def _decode_tiled(vae, raw: torch.Tensor, tile: int, overlap: int) -> torch.Tens
             out[..., y * f : y * f + th, x * f : x * f + tw] += part * mask
             weights[y * f : y * f + th, x * f : x * f + tw] += mask
     return out / weights
-
-
-# ------------------------------------------------------------------------------------------- test files
-
-
-def write_comfy_vae(
-    path: str | Path,
-    *,
-    base_dim: int = 8,
-    seed: int = 0,
-    dtype: torch.dtype = torch.bfloat16,
-    diffusers_dir: str | Path | None = None,
-) -> Path:
-    """Write a small random Qwen-Image VAE in ComfyUI's format: the real file's 194 names, only narrower.
-
-    Same structure as `qwen_image_vae.safetensors` (z_dim 16, dim_mult [1,2,4,4], 2 res blocks) with every
-    width of 96 scaled to `base_dim`; all tensors in `dtype` (the real file is all bf16), no metadata. The
-    weights are drawn from a CPU generator seeded with `seed` (the global RNG is untouched), scaled so that
-    activations stay O(1). With `diffusers_dir`, the same weights are also saved there in diffusers' own
-    layout (save_pretrained: config.json + diffusion_pytorch_model.safetensors). Returns `path`.
-    """
-    config = vae_config()
-    config["base_dim"] = base_dim
-    model = build_vae(config)
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, meta in model.state_dict().items():
-        shape = tuple(meta.shape)
-        if name.endswith(".gamma"):
-            value = 1.0 + 0.1 * torch.randn(shape, generator=generator)
-        elif name.endswith(".bias"):
-            value = 0.05 * torch.randn(shape, generator=generator)
-        else:
-            # Uniform with variance 1/fan_in: each conv roughly keeps the scale of its input.
-            bound = math.sqrt(3.0 / math.prod(shape[1:]))
-            value = (torch.rand(shape, generator=generator) * 2 - 1) * bound
-        tensors[name] = value.to(dtype).contiguous()
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    names = {diffusers: comfy for comfy, diffusers in comfy_key_map(model).items()}
-    save_file({names[name]: value for name, value in tensors.items()}, str(path))
-    if diffusers_dir is not None:
-        model.load_state_dict(tensors, strict=True, assign=True)
-        model.save_pretrained(str(diffusers_dir), safe_serialization=True)
-    return path

@@ -146,7 +146,8 @@ def write_chart(result: dict, path: Path) -> Path:
 def run(argv: list[str] | None = None) -> dict:
     """Parse arguments, run every configuration, write JSON (and a chart); returns the result."""
     from qwen_edit import QwenEditPipeline
-    from qwen_edit.settings import demo_settings, load_settings, resolve_spec
+    from qwen_edit.settings import load_settings, resolve_spec
+    from qwen_edit.testing.demo import demo_settings
 
     parser = argparse.ArgumentParser(prog="qwen-edit bench", description="Per-stage edit latency benchmark.")
     parser.add_argument("--config", action="append", default=[], help="settings YAML (repeatable: layered)")

@@ -231,11 +231,11 @@ def _models_dir(root: Path, cache_root: Path) -> Path:
     """A ComfyUI models/ folder holding files under the real names (tiny stand-ins)."""
     from safetensors.torch import save_file
 
-    from qwen_edit.demo import DEMO_VERSION
+    from qwen_edit.testing.demo import DEMO_VERSION
 
     demo = cache_root / "qwen-edit" / f"demo-v{DEMO_VERSION}"
     if not (demo / "svdq-int4_r16-demo.safetensors").is_file():  # this test ran first
-        from qwen_edit.tiny import write_tiny_transformer
+        from qwen_edit.testing.transformer import write_tiny_transformer
 
         demo.mkdir(parents=True, exist_ok=True)
         write_tiny_transformer(demo / "svdq-int4_r16-demo.safetensors", precision="int4", rank=16)

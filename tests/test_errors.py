@@ -21,6 +21,9 @@ LIBRARY_ERRORS = [
     ("qwen_edit.transformer", "NunchakuUnavailableError", ImportError, "nunchaku_unavailable"),
     ("qwen_edit.pipeline", "GPUOutOfMemoryError", RuntimeError, "out_of_memory"),
     ("qwen_edit.sampling", "SamplingCancelled", Exception, "cancelled"),
+    ("qwen_edit.header", "HeaderError", ValueError, "model_format"),
+    ("qwen_edit.settings", "SettingsError", ValueError, "config"),
+    ("qwen_edit.backend", "NunchakuUnavailableError", ImportError, "nunchaku_unavailable"),
 ]
 
 

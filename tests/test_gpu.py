@@ -7,7 +7,7 @@ import torch
 from twins import with_text_lengths
 
 from qwen_edit import fp8
-from qwen_edit.tiny import write_tiny_transformer
+from qwen_edit.testing.transformer import write_tiny_transformer
 from qwen_edit.transformer import load_transformer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -26,6 +26,26 @@ def test_scaled_mm_matches_the_emulated_fp8_product():
     y_ref = (x_codes.float() @ codes.float().t()) * x_scale * scale + bias.float()
     # Same fp8 operands: only accumulation order and the bf16 output rounding differ.
     assert (y_gpu.float() - y_ref).abs().max() < 1e-2 * y_ref.abs().max()
+
+
+def test_fast_accumulation_reaches_the_gemm_only_inside_its_block(monkeypatch):
+    if not fp8.fp8_supported("cuda"):
+        pytest.skip("no fp8 tensor cores on this GPU")
+    seen = []
+    scaled_mm = torch._scaled_mm
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["use_fast_accum"])
+        return scaled_mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", recording)
+    x = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16)
+    codes, scale = fp8.quantize_weight_per_channel(torch.randn(32, 64, device="cuda"))
+    fp8.fp8_linear(x, codes, scale)
+    with fp8.fast_accumulation(False):
+        fp8.fp8_linear(x, codes, scale)
+    fp8.fp8_linear(x, codes, scale)
+    assert seen == [True, False, True]
 
 
 @pytest.mark.parametrize("precision", ["int4", "fp4"])
@@ -55,7 +75,8 @@ def test_tiny_model_on_gpu_matches_cpu(tmp_path, precision, compute):
 
 @torch.no_grad()
 def test_fp8_text_encoder_on_gpu_matches_cpu(tmp_path):
-    from qwen_edit.text_encoder import encode_tokens, load_text_encoder, write_comfy_text_encoder
+    from qwen_edit.testing.text_encoder import write_comfy_text_encoder
+    from qwen_edit.text_encoder import encode_tokens, load_text_encoder
 
     path = tmp_path / "te.safetensors"
     config = write_comfy_text_encoder(path)
@@ -68,18 +89,94 @@ def test_fp8_text_encoder_on_gpu_matches_cpu(tmp_path):
     assert error < 0.1, (gpu.qwen_edit_info.compute, error)
 
 
-def test_demo_pipeline_runs_on_gpu_and_is_deterministic(tmp_path):
+def _pictures() -> list:
     import numpy as np
     from PIL import Image
 
+    rng = np.random.default_rng(0)
+    sizes = [(128, 96), (96, 128)]  # two references, so their order matters too
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+def _edit(pipe, images, **kwargs):
+    """(x0 of every step on the CPU in float32, image 0 as an int array) of one edit."""
+    import numpy as np
+
+    steps = []
+    result = pipe.edit(images, callback=lambda step, total, x0: steps.append(x0.float().cpu()), **kwargs)
+    return steps, np.asarray(result.images[0], dtype=int)
+
+
+def _max_rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(((x - y).norm() / y.norm()).item() for x, y in zip(a, b, strict=True))
+
+
+EDIT = dict(prompt="p", negative_prompt="n", seed=4, width=64, height=64, cfg=2.0)
+
+
+def test_demo_pipeline_on_gpu_is_deterministic_and_matches_the_cpu(tmp_path):
+    """The default GPU configuration (fp8 text encoder where the card has fp8, bf16 DiT and VAE) against
+    the CPU pipeline on the same files. Their precisions differ (the CPU encoder upcasts to bf16), so the
+    bound is what rounding allows: on the CPU, fp8 vs bf16 encoder activations and an fp32 vs bf16 DiT
+    each move the steps' x0 by about 0.8% (relative L2), so 5% for both plus the kernels' own rounding.
+    A wrong seed moves it by ~100%, missing reference latents by 6%, a negative encoded without its
+    images by 11%; the float32 test below catches the subtler wiring errors."""
     from qwen_edit import QwenEditPipeline
 
-    pipe = QwenEditPipeline.demo(cache_dir=tmp_path, device="cuda")
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8))
-    a = pipe.edit([image], "p", seed=4, width=64, height=64, cfg=2.0, negative_prompt="n")
-    b = pipe.edit([image], "p", seed=4, width=64, height=64, cfg=2.0, negative_prompt="n")
-    assert a.images[0].size == (64, 64)
-    assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    images = _pictures()
+    gpu = QwenEditPipeline.demo(cache_dir=tmp_path, device="cuda")
+    a_steps, a = _edit(gpu, images, **EDIT)
+    b_steps, b = _edit(gpu, images, **EDIT)
+    assert a.shape == (64, 64, 3)
+    assert all(torch.equal(x, y) for x, y in zip(a_steps, b_steps, strict=True)) and (a == b).all()
+    cpu_steps, cpu = _edit(QwenEditPipeline.demo(cache_dir=tmp_path, device="cpu"), images, **EDIT)
+    error = _max_rel(a_steps, cpu_steps)
+    assert error < 5e-2, error
+    assert abs(a - cpu).mean() < 1.5  # 8-bit levels; another seed gives ~25
+
+
+def _float32_demo(cache_dir, device: str):
+    """The demo pipeline with every stage in float32: DiT, text encoder (ComfyUI's upcast) and VAE."""
+    from qwen_edit import QwenEditPipeline
+    from qwen_edit.testing.demo import demo_files
+    from qwen_edit.text_encoder import load_text_encoder
+
+    files = demo_files(cache_dir)
+    pipe = QwenEditPipeline.demo(cache_dir=cache_dir, device=device)
+    pipe.transformer = load_transformer(
+        files["transformer"], backend="portable", compute="bf16", device=device, dtype=torch.float32
+    )
+    pipe.text_encoder = load_text_encoder(
+        files["text_encoder"], device=device, compute="upcast", dtype=torch.float32,
+        config=files["text_encoder_config"],
+    )  # fmt: skip
+    pipe.vae = pipe.vae.float()
+    return pipe
+
+
+@pytest.fixture
+def no_tf32():
+    """Full float32 matmuls and convolutions (cuDNN allows TF32 by default: 10-bit mantissas)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("cfg, denoise", [(1.0, 1.0), (2.0, 0.7)])
+def test_float32_demo_pipeline_on_gpu_equals_the_cpu_to_rounding(tmp_path, no_tf32, cfg, denoise):
+    """Every stage in float32 on both sides, so only kernel rounding differs: changing the CPU's thread
+    count (another reduction order) moves the steps' x0 by 5e-7 (relative L2). The subtlest wiring errors
+    move it far more on this model: CFGNorm off by 1.7e-4, the two references swapped by 2.3e-4, image 1
+    encoded unscaled by 6e-3. So 5e-5: ten times the rounding, a third of the smallest wiring error."""
+    images = _pictures()
+    kwargs = {**EDIT, "cfg": cfg, "denoise": denoise}
+    gpu_steps, gpu = _edit(_float32_demo(tmp_path, "cuda"), images, **kwargs)
+    cpu_steps, cpu = _edit(_float32_demo(tmp_path, "cpu"), images, **kwargs)
+    error = _max_rel(gpu_steps, cpu_steps)
+    assert error < 5e-5, error
+    # 8-bit images: a value that sits on a level boundary may land one level off, no more.
+    assert abs(gpu - cpu).max() <= 1 and abs(gpu - cpu).mean() < 0.01
 
 
 def test_compiled_demo_pipeline_matches_eager_and_takes_new_prompt_lengths(tmp_path):

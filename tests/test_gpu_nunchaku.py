@@ -20,8 +20,11 @@ from qwen_edit.lora import apply_loras
 from qwen_edit.model import comfy_forward
 from qwen_edit.nunchaku_backend import status
 from qwen_edit.offload import set_block_offload
-from qwen_edit.svdq.quantize import quantize_transformer
-from qwen_edit.tiny import TINY_TRANSFORMER_CONFIG, tiny_reference_transformer
+from qwen_edit.testing.transformer import (
+    TINY_TRANSFORMER_CONFIG,
+    quantize_transformer,
+    tiny_reference_transformer,
+)
 from qwen_edit.transformer import load_transformer
 
 

@@ -38,10 +38,33 @@ def test_auto_fits_a_smaller_card_and_the_edit_completes(card_gib, streams):
         print(card_gib, plan)
         assert plan.encoders_on_cpu and plan.streams_blocks == streams
         image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8))
-        result = pipe.edit([image], "a sunset", seed=0, steps=2, width=1024, height=1024)
+        streamed = []
+        result = pipe.edit(
+            [image], "a sunset", seed=0, steps=2, width=1024, height=1024,
+            callback=lambda step, total, x0: streamed.append(x0.float().cpu()),
+        )  # fmt: skip
         assert result.images[0].size == (1024, 1024)
         assert torch.cuda.max_memory_reserved() <= card_gib * 2**30
         print(card_gib, "GiB card: peak", torch.cuda.max_memory_allocated() / 2**30, result.timings)
+
+        # The same edit with everything resident on the whole card. Offloading moves weights, it never
+        # changes them, and the streamed blocks run the same kernels on the same values: the x0 of each
+        # step agrees to the kernels' rounding (exact in the CPU-side test of streamed blocks). A block
+        # run with stale or wrong weights, or a stage skipped, moves x0 by tens of percent. The images
+        # may differ a little more: a decode that ran out of memory on the small card fell back to
+        # tiles, which are close to the whole decode but not equal.
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        pipe.set_offload(cpu_offload="disable")
+        assert not pipe.offload_plan.streams_blocks and not pipe.offload_plan.encoders_on_cpu
+        resident = []
+        again = pipe.edit(
+            [image], "a sunset", seed=0, steps=2, width=1024, height=1024,
+            callback=lambda step, total, x0: resident.append(x0.float().cpu()),
+        )  # fmt: skip
+        errors = [((x - y).norm() / y.norm()).item() for x, y in zip(streamed, resident, strict=True)]
+        assert max(errors) < 1e-3, errors
+        diff = np.abs(np.asarray(result.images[0], dtype=int) - np.asarray(again.images[0], dtype=int))
+        assert diff.mean() < 1.0, diff.mean()
     finally:
         del pipe
         gc.collect()

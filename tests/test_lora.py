@@ -12,8 +12,8 @@ from twins import dense_twin, forward_inputs
 
 from qwen_edit import lora as lora_mod
 from qwen_edit.lora import LoraError, apply_loras, parse_lora_state_dict, read_lora
-from qwen_edit.svdq import layout, quantize_awq_linear, quantize_svdq_linear, svdq_dense
-from qwen_edit.tiny import write_tiny_transformer
+from qwen_edit.svdq import layout, svdq_dense
+from qwen_edit.testing.transformer import quantize_awq_linear, quantize_svdq_linear, write_tiny_transformer
 from qwen_edit.transformer import load_transformer
 
 RANK = 4
@@ -67,12 +67,16 @@ def write_lora(path, canon, fmt: str):
         elif fmt == "comfyui":
             tensors[f"diffusion_model.{name}.lora_A.weight"] = a
             tensors[f"diffusion_model.{name}.lora_B.weight"] = b
+        elif fmt == "comfyui_model":  # the full ComfyUI model path, "model.diffusion_model."
+            tensors[f"model.diffusion_model.{name}.lora_down.weight"] = a
+            tensors[f"model.diffusion_model.{name}.lora_up.weight"] = b
         elif fmt == "kohya":
             flat = "lora_unet_" + name.replace(".", "_")
             tensors[f"{flat}.lora_down.weight"] = a
             tensors[f"{flat}.lora_up.weight"] = b
         if alpha is not None:
-            prefix = {"diffusers": "transformer.", "peft": "", "comfyui": "diffusion_model."}.get(fmt)
+            prefixes = {"diffusers": "transformer.", "peft": "", "comfyui": "diffusion_model."}
+            prefix = {**prefixes, "comfyui_model": "model.diffusion_model."}.get(fmt)
             key = (
                 f"{prefix}{name}.alpha"
                 if prefix is not None
@@ -105,7 +109,7 @@ def portable(tiny_path):
     return load_transformer(tiny_path, backend="portable", compute="bf16", device="cpu", dtype=torch.float32)
 
 
-@pytest.mark.parametrize("fmt", ["diffusers", "peft", "comfyui", "kohya"])
+@pytest.mark.parametrize("fmt", ["diffusers", "peft", "comfyui", "comfyui_model", "kohya"])
 @pytest.mark.parametrize("seed", [1, 2])  # odd seeds carry .alpha keys (scale 2/4), even ones don't
 def test_each_format_matches_the_dense_reference(tiny_path, portable, tmp_path, fmt, seed):
     canon = canonical_lora(seed)
@@ -200,7 +204,10 @@ def test_bf16_model_with_lora_stays_close(tiny_path, tmp_path):
         ("lycoris_transformer_blocks_0_attn_to_q.lokr_w1", "LoKr"),
         ("transformer_blocks.0.attn.to_q.hada_w1_a", "LoHa"),
         ("transformer_blocks.0.attn.to_q.dora_scale", "DoRA"),
-        ("diffusion_model.transformer_blocks.0.attn.to_q.diff", "full-weight difference"),
+        ("diffusion_model.transformer_blocks.0.attn.to_q.diff", r"full-weight difference \(diff\)"),
+        ("model.diffusion_model.transformer_blocks.0.attn.to_q.diff", r"full-weight difference \(diff\)"),
+        ("model.diffusion_model.transformer_blocks.0.attn.to_q.diff_b", r"difference \(diff_b\)"),
+        ("transformer.transformer_blocks.0.attn.to_q.lora_B.bias", "bias deltas"),
     ],
 )
 def test_unsupported_formats_are_named(tmp_path, key, kind):
@@ -208,6 +215,44 @@ def test_unsupported_formats_are_named(tmp_path, key, kind):
     save_file({key: torch.zeros(2, 2)}, str(path))
     with pytest.raises(LoraError, match=kind):
         read_lora(path)
+
+
+@pytest.mark.parametrize(
+    "magnitude",
+    [
+        "base_model.model.transformer_blocks.0.attn.to_q.lora_magnitude_vector",  # PEFT's saved name
+        "transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector.weight",
+        "transformer_blocks.0.attn.to_q.lora_magnitude_vector.default.weight",
+    ],
+)
+def test_peft_dora_is_named_not_called_unknown_keys(magnitude):
+    """A PEFT/diffusers DoRA: ordinary lora_A/lora_B plus a magnitude vector per module. Applying only
+    the A/B part would be wrong, so it is refused, and the refusal says it is DoRA."""
+    module = magnitude.split(".lora_magnitude_vector")[0]
+    tensors = {
+        f"{module}.lora_A.weight": torch.zeros(4, 8),
+        f"{module}.lora_B.weight": torch.zeros(8, 4),
+        magnitude: torch.ones(8),
+    }
+    with pytest.raises(LoraError, match=r"is a DoRA \(PEFT lora_magnitude_vector\) adapter"):
+        parse_lora_state_dict(tensors, source="dora.safetensors")
+
+
+def test_module_paths_holding_a_marker_are_not_refused():
+    """Markers are a key's own parts, never a piece of its module path: the "model.diffusion_model."
+    prefix holds ".diff", and it is a LoRA like any other."""
+    fmt, layers = parse_lora_state_dict(
+        {
+            "model.diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8),
+            "model.diffusion_model.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 4),
+            "model.diffusion_model.transformer_blocks.0.attn.to_q.alpha": torch.tensor(2.0),
+        }
+    )
+    assert fmt == "ComfyUI/ai-toolkit"
+    assert (
+        list(layers) == ["transformer_blocks.0.attn.to_q"]
+        and layers["transformer_blocks.0.attn.to_q"].scale == 0.5
+    )
 
 
 def test_unmatched_modules_are_reported_never_dropped(portable, tmp_path):
@@ -241,6 +286,39 @@ def test_missing_or_broken_files(tmp_path):
     save_file({"transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8)}, str(half))
     with pytest.raises(LoraError, match="needs both A and B"):
         read_lora(half)
+
+
+def test_the_parse_cache_is_bounded_by_bytes_least_recently_used_first(tmp_path, monkeypatch):
+    """Parsed LoRAs are kept up to LORA_CACHE_BYTES (a rank-64 LoRA parses to GiBs), never by count."""
+    paths = [write_lora(tmp_path / f"{name}.safetensors", canonical_lora(1), "peft") for name in "abcd"]
+    lora_mod.clear_lora_cache()
+    size = lora_mod.lora_bytes(read_lora(paths[0]))
+    assert size > 0
+    monkeypatch.setattr(lora_mod, "LORA_CACHE_BYTES", 2 * size + size // 2)  # room for two
+    lora_mod.clear_lora_cache()
+    a, b = read_lora(paths[0]), read_lora(paths[1])
+    assert read_lora(paths[0]) is a  # a hit makes `a` the most recently used
+    c = read_lora(paths[2])  # evicts b, not a
+    assert read_lora(paths[0]) is a and read_lora(paths[2]) is c
+    assert read_lora(paths[1]) is not b  # parsed again, which evicts the oldest (a)
+    assert lora_mod.cached_lora_bytes() == 2 * size <= lora_mod.LORA_CACHE_BYTES
+    assert read_lora(paths[0]) is not a
+    # A file larger than the whole budget is parsed for each use and never kept.
+    monkeypatch.setattr(lora_mod, "LORA_CACHE_BYTES", size - 1)
+    d = read_lora(paths[3])
+    assert read_lora(paths[3]) is not d and lora_mod.cached_lora_bytes() == 0
+    lora_mod.clear_lora_cache()
+
+
+def test_a_file_changed_in_place_is_read_again_and_its_old_parse_dropped(tmp_path):
+    path = write_lora(tmp_path / "a.safetensors", canonical_lora(1), "peft")
+    lora_mod.clear_lora_cache()
+    first = read_lora(path)
+    write_lora(path, {k: v for k, v in list(canonical_lora(2).items())[:3]}, "peft")
+    second = read_lora(path)
+    assert second is not first and len(second.layers) == 3
+    assert lora_mod.cached_lora_bytes() == lora_mod.lora_bytes(second)
+    lora_mod.clear_lora_cache()
 
 
 # -- the Nunchaku backend's layers: their packed tensors, driven through the same code ----------

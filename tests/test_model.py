@@ -7,7 +7,7 @@ import torch
 from twins import with_text_lengths
 
 from qwen_edit.model import comfy_forward, comfy_rope, image_positions
-from qwen_edit.tiny import write_tiny_transformer
+from qwen_edit.testing.transformer import write_tiny_transformer
 from qwen_edit.transformer import load_transformer
 
 

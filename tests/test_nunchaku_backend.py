@@ -17,14 +17,17 @@ import torch
 from safetensors.torch import save_file
 
 from qwen_edit import QwenEditPipeline
-from qwen_edit.demo import demo_files
 from qwen_edit.hardware import FORCE_NUNCHAKU_ENV, DeviceInfo, UnsupportedHardwareError
 from qwen_edit.lora import LoraError
 from qwen_edit.model import comfy_forward
 from qwen_edit.nunchaku_backend import NunchakuStatus, status
 from qwen_edit.offload import set_block_offload
-from qwen_edit.svdq.quantize import quantize_transformer
-from qwen_edit.tiny import TINY_TRANSFORMER_CONFIG, tiny_reference_transformer
+from qwen_edit.testing.demo import demo_files
+from qwen_edit.testing.transformer import (
+    TINY_TRANSFORMER_CONFIG,
+    quantize_transformer,
+    tiny_reference_transformer,
+)
 from qwen_edit.transformer import NunchakuUnavailableError, choose_backend, load_transformer
 
 BLOCKS = 3  # enough to stream 1 and N-1 blocks

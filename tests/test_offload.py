@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,9 @@ from qwen_edit.lora import apply_loras
 from qwen_edit.model import comfy_forward
 from qwen_edit.offload import ACTIVATION_BYTES, GIB, plan_offload, set_block_offload
 from qwen_edit.pipeline import GPUOutOfMemoryError
-from qwen_edit.tiny import write_tiny_transformer
+from qwen_edit.svdq import checkpoint
+from qwen_edit.testing.demo import demo_files
+from qwen_edit.testing.transformer import write_tiny_transformer
 from qwen_edit.transformer import load_transformer
 
 
@@ -129,8 +133,29 @@ def test_explicit_settings_and_errors():
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return QwenEditPipeline.demo(cache_dir=tmp_path_factory.mktemp("demo"))
+def demo_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("demo")
+
+
+@pytest.fixture(scope="module")
+def demo(demo_dir):
+    return QwenEditPipeline.demo(cache_dir=demo_dir)
+
+
+def test_the_transformer_header_is_read_once(demo_dir, monkeypatch):
+    """Planning, loading, block streaming and later offload changes share one read of the checkpoint's
+    header (the real file's lists ~5,000 tensors)."""
+    files = demo_files(demo_dir)
+    reads = []
+    read_header = checkpoint.read_header
+    monkeypatch.setattr(checkpoint, "read_header", lambda path: reads.append(Path(path)) or read_header(path))
+    pipe = QwenEditPipeline.from_files(
+        **files, device="cpu", backend="portable", compute="bf16", cpu_offload="enable", num_blocks_on_gpu=1
+    )
+    assert pipe.transformer._qwen_edit_streamer is not None  # streaming set up at load
+    assert pipe.set_offload("enable", num_blocks_on_gpu=0).streams_blocks
+    assert not pipe.set_offload("disable").streams_blocks
+    assert reads == [Path(files["transformer"])]
 
 
 def test_pipeline_offload_settings_give_the_same_images(demo):

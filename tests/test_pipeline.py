@@ -143,7 +143,7 @@ def test_png_carries_the_parameters(pipe, tmp_path):
 
 
 def test_from_config_resolves_names_in_comfyui_folders(demo_dir, tmp_path):
-    from qwen_edit.demo import demo_files
+    from qwen_edit.testing.demo import demo_files
 
     te_config = demo_files(demo_dir)["text_encoder_config"]  # writes the demo files if not there yet
     models = tmp_path / "models"

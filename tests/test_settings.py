@@ -17,7 +17,8 @@ from qwen_edit.errors import (
     UnsafeModelNameError,
     kind_of,
 )
-from qwen_edit.settings import LoraSpec, ModelFiles, PipelineSpec, demo_settings, load_settings, resolve_spec
+from qwen_edit.settings import LoraSpec, ModelFiles, PipelineSpec, load_settings, resolve_spec
+from qwen_edit.testing.demo import demo_settings
 
 T4 = "svdq-int4_r128-qwen-image-edit-2509-lightningv2.0-4steps.safetensors"
 T4_R32 = "svdq-int4_r32-qwen-image-edit-2509-lightningv2.0-4steps.safetensors"
@@ -218,7 +219,7 @@ def test_paths_are_taken_only_where_the_caller_allows_them(models, tmp_path, mon
 
 def test_the_demo_as_settings_and_a_pipeline_built_from_the_spec(tmp_path):
     from qwen_edit import QwenEditPipeline
-    from qwen_edit.demo import DEMO_OUTPUT_MEGAPIXELS, DEMO_REFERENCE_AREA
+    from qwen_edit.testing.demo import DEMO_OUTPUT_MEGAPIXELS, DEMO_REFERENCE_AREA
 
     settings = demo_settings(tmp_path / "demo", [{"num_blocks_on_gpu": 2}])
     assert settings.demo and settings.text_encoder_config and settings.num_blocks_on_gpu == 2

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from qwen_edit import text_encoder as te
 from qwen_edit.fp8 import FP8
+from qwen_edit.testing import text_encoder as te_files
 from qwen_edit.tokenizer import preprocess_vision_image, vision_token_count
 
 IMAGE_PAD = 151655
@@ -29,6 +30,21 @@ def file_specs(path) -> dict[str, tuple[str, tuple[int, ...]]]:
         return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}  # noqa: SIM118
 
 
+def estimate_parameter_bytes(model, plan, specs, *, compute: str, dtype: torch.dtype) -> int:
+    """Bytes the loaded parameters will take, from the file header alone (no tensor data read): the
+    loader's dtype rules (te._stored_dtype) applied to the header, checked against what loading takes."""
+    roles = te._roles(model)
+    total = 0
+    for name, key in plan.params.items():
+        file_dtype, shape = specs[key]
+        stored = te._stored_dtype(roles.get(name, "other"), te._ST_DTYPES[file_dtype], compute, dtype)
+        total += math.prod(shape) * stored.itemsize
+        if stored == FP8 and not file_dtype.startswith("F8"):
+            total += shape[0] * 4  # per-channel float32 scales made at load
+    total += sum(4 * max(1, math.prod(specs[k][1])) for k in plan.scales.values())
+    return total
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """The same random tiny model in every accepted format (same seed, so the same float weights)."""
@@ -40,11 +56,11 @@ def files(tmp_path_factory):
         "hf_legacy": root / "repo" / "text_encoder",
         "hf_v5": root / "hf_v5",
     }
-    config = te.write_comfy_text_encoder(paths["fp8"])
-    te.write_comfy_text_encoder(paths["comfy_quant"], quant_format="comfy_quant")
-    te.write_comfy_text_encoder(paths["bf16"], fp8=False)
-    te.write_hf_text_encoder(paths["hf_legacy"], shards=2)
-    te.write_hf_text_encoder(paths["hf_v5"], layout="v5", shards=3)
+    config = te_files.write_comfy_text_encoder(paths["fp8"])
+    te_files.write_comfy_text_encoder(paths["comfy_quant"], quant_format="comfy_quant")
+    te_files.write_comfy_text_encoder(paths["bf16"], fp8=False)
+    te_files.write_hf_text_encoder(paths["hf_legacy"], shards=2)
+    te_files.write_hf_text_encoder(paths["hf_v5"], layout="v5", shards=3)
     return paths, config
 
 
@@ -97,10 +113,10 @@ def test_real_file_maps_onto_the_7b_model(shared_dir, model_7b):
     assert fp8_keys == {plan.params[f"{n}.weight"] for n in linears}
 
     # Memory of the loaded weights, from the header alone: fp8 file vs the same model in bf16.
-    fp8_bytes = te.estimate_parameter_bytes(model, plan, specs, compute="upcast", dtype=torch.bfloat16)
+    fp8_bytes = estimate_parameter_bytes(model, plan, specs, compute="upcast", dtype=torch.bfloat16)
     bf16_specs = {k: ("BF16", s) for k, (_, s) in specs.items() if k in plan.params.values()}
     bf16_plan = te.plan_load(model, bf16_specs, "bf16")
-    bf16_bytes = te.estimate_parameter_bytes(
+    bf16_bytes = estimate_parameter_bytes(
         model, bf16_plan, bf16_specs, compute="upcast", dtype=torch.bfloat16
     )
     print(f"7B text encoder weights: fp8 {fp8_bytes / 1e9:.2f} GB, bf16 {bf16_bytes / 1e9:.2f} GB")
@@ -244,8 +260,8 @@ def test_every_format_gives_the_same_states(files, inputs):
 
 def test_memory_fp8_vs_bf16(tmp_path):
     """Parameter bytes after loading, with a small vocabulary so the Linear layers dominate as in the 7B."""
-    config = te.write_comfy_text_encoder(tmp_path / "fp8.safetensors", vocab_size=512)
-    te.write_comfy_text_encoder(tmp_path / "bf16.safetensors", fp8=False, vocab_size=512)
+    config = te_files.write_comfy_text_encoder(tmp_path / "fp8.safetensors", vocab_size=512)
+    te_files.write_comfy_text_encoder(tmp_path / "bf16.safetensors", fp8=False, vocab_size=512)
     sizes = {}
     for name in ("fp8", "bf16"):
         path = tmp_path / f"{name}.safetensors"
@@ -259,7 +275,7 @@ def test_memory_fp8_vs_bf16(tmp_path):
         assert model.qwen_edit_info.parameter_bytes == sizes[name][0]
         specs = file_specs(path)
         plan = te.plan_load(te.empty_text_encoder(config), specs)
-        estimate = te.estimate_parameter_bytes(model, plan, specs, compute="upcast", dtype=torch.bfloat16)
+        estimate = estimate_parameter_bytes(model, plan, specs, compute="upcast", dtype=torch.bfloat16)
         assert estimate == sizes[name][0]  # the 7B estimate in test_real_file_maps_onto_the_7b_model is exact
     print(f"tiny text encoder parameter bytes: fp8 {sizes['fp8']}, bf16 {sizes['bf16']}")
     n_linears = 2 * 7 + 2 * 5 + 2  # float32 scalar scales only in the fp8 model
@@ -426,3 +442,47 @@ def test_vision_attention_in_one_call_matches_transformers_per_window(files):
     attn = window_blocks[0].attn
     assert not torch.allclose(attn(hidden, cu_seqlens=windows, position_embeddings=cos_sin),
                               attn(hidden, cu_seqlens=full, position_embeddings=cos_sin))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- a literal <|endoftext|>
+
+
+def test_literal_endoftext_and_what_follows_are_masked_as_keys(files):
+    """ComfyUI masks the first <|endoftext|> (its pad id for this encoder) and every text token after it
+    as attention keys (Comfy-Org/ComfyUI@a125cd8 comfy/sd1_clip.py:170-200, text_encoders/llama.py:391-400).
+    Reference: transformers' own model on the dequantized weights, given the additive mask exactly as
+    llama.py builds it; fp32 on both sides, so the 1e-5 of the unmasked comparison above."""
+    paths, config = files
+    ids = [151644, 872, 198, 100, 200, 300, te.END_OF_TEXT_ID, 400, 500, 151645, 198]
+    n = len(ids)
+    keys = te.comfy_attention_mask(ids)
+    assert keys == [1] * 6 + [0] * 5
+    mask = 1.0 - torch.tensor(keys, dtype=torch.float32).reshape(1, 1, 1, n).expand(1, 1, n, n)
+    mask = mask.masked_fill(mask.bool(), float("-inf")) + torch.full((n, n), float("-inf")).triu(1)
+    with torch.no_grad():
+        reference = (
+            dequantized_reference(paths["fp8"], config)
+            .language_model(
+                input_ids=torch.tensor([ids]),
+                attention_mask=mask,
+                position_ids=torch.arange(n).expand(3, 1, n),
+            )
+            .last_hidden_state
+        )
+    model = te.load_text_encoder(paths["fp8"], config=config, dtype=torch.float32, compute="upcast")
+    out = te.encode_tokens(model, ids)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    # A token after the pad is no key for anyone: changing it changes its own row and nothing else.
+    other = te.encode_tokens(model, ids[:7] + [401] + ids[8:])
+    rest = [i for i in range(n) if i != 7]
+    torch.testing.assert_close(other[:, rest], out[:, rest], rtol=0, atol=0)
+    assert not torch.equal(other[:, 7], out[:, 7])
+    assert te.comfy_attention_mask(ids[:6]) is None  # no pad: no mask, the plain causal path
+
+
+def test_image_tokens_after_the_pad_stay_attended():
+    """ComfyUI splices image embeddings in with mask 1 wherever they sit (sd1_clip.py:232); only text
+    tokens from the first pad on are masked, later pads included."""
+    ids = [1, 2, te.END_OF_TEXT_ID, 3, IMAGE_PAD, IMAGE_PAD, 4, te.END_OF_TEXT_ID]
+    assert te.comfy_attention_mask(ids, [(4, 2)]) == [1, 1, 0, 0, 1, 1, 0, 0]
+    assert te.comfy_attention_mask(torch.tensor([[5, te.END_OF_TEXT_ID]])) == [1, 0]

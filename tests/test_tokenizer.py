@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from qwen_edit import tokenizer as tk
-from qwen_edit.text_encoder import encode_tokens, load_text_encoder, write_comfy_text_encoder
+from qwen_edit.testing.text_encoder import write_comfy_text_encoder
+from qwen_edit.text_encoder import encode_tokens, load_text_encoder
 
 # comfy_extras/nodes_qwen.py:75 (llama_template of TextEncodeQwenImageEditPlus)
 COMFY_EDITPLUS_TEMPLATE = (
@@ -58,17 +59,8 @@ def comfy_reference(hf_tokenizer, prompt: str, n_images: int, counts: list[int])
     to_tokenize = [split[0]] + ["embedding:" + s for s in split[1:]]
     tokens = []
     for word in [x for x in to_tokenize if x != ""]:
-        if word.startswith("embedding:"):
-            # :554-568 with _try_get_embedding (:509-523) finding nothing: only the leftover is tokenized
-            embedding_name = word[len("embedding:") :].strip("\n")
-            split_embed = embedding_name.split()
-            leftover = " ".join(split_embed[1:])
-            stripped = split_embed[0].strip(",")
-            if len(stripped) < len(split_embed[0]):
-                leftover = f"{split_embed[0][len(stripped) :]} {leftover}"
-            if leftover == "":
-                continue
-            word = leftover
+        # :554: the embedding lookup runs only with an embedding directory, and Qwen25_7BVLITokenizer
+        # builds its SDTokenizer without one (qwen_image.py:8-11): "embedding:NAME" stays text
         tokens += [(t, 1.0) for t in hf_tokenizer(word)["input_ids"]]
     if len(tokens) < 1:  # min_length=1, pad 151643 (qwen_image.py:11, sd1_clip.py:620-621)
         tokens += [(151643, 1.0)]
@@ -105,7 +97,7 @@ PROMPTS = [
     "make the cat wear a red hat",
     "",  # ComfyUI's negative prompt in the reference workflow
     "swap \\(left\\) and (right:1.2) objects,\nkeep  the background",  # escapes; weights stay literal
-    "a dog embedding:missing, sitting\nembedding:other on grass",  # unknown embeddings are dropped
+    "a dog embedding:missing, sitting\nembedding:other on grass",  # "embedding:" words stay text
     "literal <|image_pad|> and <|img|> tokens",
 ]
 
@@ -133,6 +125,17 @@ def test_edit_prompt_known_ids(tokenizer):
     assert ids[74:83] == [151653, 24669, 220, 17, 25, 220, 151652, 151655, 151655]  # no separator
     assert ids[-5:] == [151645, 198, 151644, 77091, 198]  # the kept tail
     assert t.comfy_ids.count(151655) == 2 and len(t.comfy_ids) == len(ids) - 8
+
+
+def test_embedding_words_stay_text_as_in_comfyui(tokenizer):
+    """Ids ComfyUI's own TextEncodeQwenImageEditPlus tokenizer gave (Comfy-Org/ComfyUI@a125cd8): the
+    split before " embedding:" eats the space, and the word is tokenized as text, not dropped."""
+    assert tk.comfy_tokenize(tokenizer, "a photo in embedding:mystyle, sharp") == [
+        64, 6548, 304, 94611, 30286, 597, 967, 11, 17232,
+    ]  # fmt: skip
+    assert tk.comfy_tokenize(tokenizer, "embedding:a\nembedding:b") == tk.comfy_tokenize(
+        tokenizer, "embedding:a"
+    ) + tk.comfy_tokenize(tokenizer, "embedding:b")
 
 
 def test_picture_numbers_follow_slots(tokenizer):

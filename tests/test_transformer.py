@@ -12,18 +12,22 @@ from safetensors.torch import load_file, save_file
 from twins import dense_twin, forward_inputs
 
 from qwen_edit.hardware import DeviceInfo, UnsupportedHardwareError
+from qwen_edit.header import DTYPES
 from qwen_edit.model import build_model
 from qwen_edit.nunchaku_backend import NunchakuStatus
-from qwen_edit.svdq import expected_tensors, quantize_svdq_linear, read_checkpoint, svdq_dense
-from qwen_edit.svdq.checkpoint import _DTYPES, CheckpointError
-from qwen_edit.svdq.quantize import FUSED_PARTS
-from qwen_edit.tiny import TINY_TRANSFORMER_CONFIG, tiny_reference_transformer, write_tiny_transformer
+from qwen_edit.svdq import expected_tensors, read_checkpoint, svdq_dense
+from qwen_edit.svdq.checkpoint import FUSED_PARTS, CheckpointError, quantized_layer_kinds
+from qwen_edit.testing.transformer import (
+    TINY_TRANSFORMER_CONFIG,
+    quantize_svdq_linear,
+    tiny_reference_transformer,
+    write_tiny_transformer,
+)
 from qwen_edit.transformer import (
     NunchakuUnavailableError,
     choose_backend,
     choose_compute,
     load_transformer,
-    quantized_layer_kinds,
 )
 
 MANIFESTS = ["svdq_fp4_r128", "svdq_fp4_r32", "svdq_int4_r128", "svdq_int4_r32"]
@@ -39,7 +43,7 @@ def test_spec_equals_real_file_manifest(shared_dir, name):
     meta = manifest["metadata_parsed"]
     precision = "fp4" if "fp4" in meta["quantization_config"]["weight"]["dtype"] else "int4"
     spec = expected_tensors(meta["config"], precision, meta["quantization_config"]["rank"])
-    real = {k: (tuple(v["shape"]), _DTYPES[v["dtype"]]) for k, v in manifest["tensors"].items()}
+    real = {k: (tuple(v["shape"]), DTYPES[v["dtype"]]) for k, v in manifest["tensors"].items()}
     assert spec == real
 
 

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import qwen_edit.vae
+from qwen_edit.testing.vae import write_comfy_vae
 from qwen_edit.vae import (
     AUTO_TILE_PIXELS,
     CONFIG_PATH,
@@ -31,7 +32,6 @@ from qwen_edit.vae import (
     match_vae_keys,
     normalize_latents,
     vae_config,
-    write_comfy_vae,
 )
 
 # ComfyUI's Wan21 latent format (Comfy-Org/ComfyUI@a125cd8:comfy/latent_formats.py), typed in independently.

@@ -16,7 +16,7 @@ import sys
 import pytest
 from test_worker_support import DEMO_CACHE, REPO, TMP, LoopbackHTTP, demo_worker, encode, moto_s3, picture
 
-from qwen_edit.demo import DEMO_VERSION
+from qwen_edit.testing.demo import DEMO_VERSION
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,7 @@ from diffusers import QwenImageTransformer2DModel
 from safetensors.torch import load_file
 
 from qwen_edit.svdq import awq_dense, read_checkpoint, svdq_dense
-from qwen_edit.svdq.quantize import FUSED_PARTS
-from qwen_edit.transformer import quantized_layer_kinds
+from qwen_edit.svdq.checkpoint import FUSED_PARTS, quantized_layer_kinds
 
 
 def dense_twin(path) -> QwenImageTransformer2DModel:

@@ -3,7 +3,8 @@
 A Nunchaku Qwen-Image file is one `.safetensors` whose metadata holds the diffusers `config` (JSON)
 and a `quantization_config` (JSON; `weight.dtype` is "int4" or "fp4_e2m1_all", plus `rank`).
 Precision falls back to the `wscales` dtype (fp8 micro-scales mean NVFP4) and rank to the shape of
-`proj_down`, because third-party files don't always carry complete metadata (nunchaku-format.md 9.1).
+`proj_down`, because third-party files don't always carry complete metadata (and nunchaku's own
+`get_precision()` guesses from the GPU, not the file: nunchaku-tech/nunchaku@3a3cc3d nunchaku/utils.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError
+from ..header import DTYPES, HeaderError, few, read_header
+from .layers import INT4_FC2_SHIFT
 
 # Qwen-Image-Edit-2509's transformer config, for files that carry no `config` metadata.
 DEFAULT_CONFIG = {
@@ -45,6 +48,11 @@ SVDQ_LAYERS = (
     ("txt_mlp.net.2", "D", "F"),
 )
 FUSED_QKV = ("attn.to_qkv", "attn.add_qkv_proj")
+# Diffusers' unfused projections that make up Nunchaku's fused layers, in the fused output order.
+FUSED_PARTS = {
+    "attn.to_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "attn.add_qkv_proj": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+}
 AWQ_LAYERS = ("img_mod.1", "txt_mod.1")  # Linear(D -> 6D), W4A16
 BLOCK_NORMS = ("attn.norm_q", "attn.norm_k", "attn.norm_added_q", "attn.norm_added_k")
 # Tensors that files may omit: nunchaku fills a missing wcscales with ones and wtscale defaults to 1;
@@ -57,8 +65,9 @@ TensorSpec = tuple[tuple[int, ...], torch.dtype]
 def expected_tensors(config: dict, precision: str, rank: int) -> dict[str, TensorSpec]:
     """Every tensor of a Nunchaku Qwen-Image file for `config`: {name: (shape, dtype)}.
 
-    Derived from nunchaku's module definitions (nunchaku-format.md 1.2) and checked against the key
-    manifests of the real files (tests/test_svdq_checkpoint.py).
+    Derived from nunchaku's module definitions, whose `from_pretrained` loads the file strictly
+    (nunchaku-tech/nunchaku@3a3cc3d nunchaku/models/transformers/transformer_qwenimage.py), and
+    checked against the key manifests of the real files (tests/test_svdq_checkpoint.py).
     """
     d = config["num_attention_heads"] * config["attention_head_dim"]
     f = 4 * d
@@ -134,8 +143,17 @@ def check_tensors(found: dict[str, TensorSpec], expected: dict[str, TensorSpec])
     return problems
 
 
-def few(names: list[str], n: int = 5) -> str:
-    return ", ".join(names[:n]) + (f", ... (+{len(names) - n} more)" if len(names) > n else "")
+def quantized_layer_kinds(num_layers: int, precision: str) -> dict[str, tuple[str, float]]:
+    """{file prefix: (kind, act_shift)} for every quantized layer of a model with `num_layers` blocks."""
+    kinds = {}
+    for i in range(num_layers):
+        block = f"transformer_blocks.{i}"
+        for name, _, _ in SVDQ_LAYERS:
+            shift = INT4_FC2_SHIFT if precision == "int4" and name.endswith("mlp.net.2") else 0.0
+            kinds[f"{block}.{name}"] = ("svdq", shift)
+        for name in AWQ_LAYERS:
+            kinds[f"{block}.{name}"] = ("awq", 0.0)
+    return kinds
 
 
 @dataclass
@@ -175,26 +193,23 @@ def read_checkpoint(path: str | Path) -> SVDQCheckpoint:
             "'svdq-int4_r128-...' (RTX 20xx-40xx, A100); `qwen-edit download` fetches them."
         )
     try:
-        handle = safe_open(str(path), framework="pt")
-    except Exception as exc:  # safetensors raises its own error types for non-safetensors files
-        raise CheckpointError(f"{path} is not a readable .safetensors file ({exc})") from exc
-    with handle as f:
-        metadata = f.metadata() or {}
-        keys = list(f.keys())
-        tensors = {
-            k: (tuple(f.get_slice(k).get_shape()), _DTYPES.get(f.get_slice(k).get_dtype())) for k in keys
-        }
-        wscales = next((k for k in keys if k.endswith(".wscales") and ".attn." in k), None)
-        down = next((k for k in keys if k.endswith(".proj_down")), None)
-        if wscales is None or down is None:
-            hint = ""
-            if any(k.startswith("transformer_blocks.0.attn.to_q.weight") for k in keys):
-                hint = " It looks like an unquantized diffusers transformer; load it with diffusers instead."
-            elif any(k.startswith(("model.", "visual.", "encoder.", "decoder.")) for k in keys):
-                hint = " It looks like a text encoder or VAE file; pass it as text_encoder= or vae=."
-            raise CheckpointError(f"{path} has no SVDQ layers (no *.wscales / *.proj_down tensors).{hint}")
-        wscales_dtype = f.get_slice(wscales).get_dtype()
-        rank = int(f.get_slice(down).get_shape()[1])
+        header = read_header(path)
+    except HeaderError as exc:
+        raise CheckpointError(str(exc)) from exc
+    metadata = header.metadata
+    keys = list(header.tensors)
+    tensors = {k: (t.shape, DTYPES.get(t.dtype)) for k, t in header.tensors.items()}
+    wscales = next((k for k in keys if k.endswith(".wscales") and ".attn." in k), None)
+    down = next((k for k in keys if k.endswith(".proj_down")), None)
+    if wscales is None or down is None:
+        hint = ""
+        if any(k.startswith("transformer_blocks.0.attn.to_q.weight") for k in keys):
+            hint = " It looks like an unquantized diffusers transformer; load it with diffusers instead."
+        elif any(k.startswith(("model.", "visual.", "encoder.", "decoder.")) for k in keys):
+            hint = " It looks like a text encoder or VAE file; pass it as text_encoder= or vae=."
+        raise CheckpointError(f"{path} has no SVDQ layers (no *.wscales / *.proj_down tensors).{hint}")
+    wscales_dtype = header.tensors[wscales].dtype
+    rank = int(header.tensors[down].shape[1])
 
     config = json.loads(metadata["config"]) if "config" in metadata else dict(DEFAULT_CONFIG)
     quant = json.loads(metadata.get("quantization_config", "{}") or "{}")
@@ -207,19 +222,6 @@ def read_checkpoint(path: str | Path) -> SVDQCheckpoint:
     if quant.get("rank") not in (None, rank):
         raise CheckpointError(f"{path}: metadata rank {quant['rank']} but proj_down has rank {rank}")
     return SVDQCheckpoint(path, config, precision, rank, tensors, quant)
-
-
-_DTYPES = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "I32": torch.int32,
-    "I64": torch.int64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
 
 
 def group_by_layer(keys: list[str], layer_prefixes: set[str]) -> tuple[dict[str, dict[str, str]], list[str]]:

@@ -1,6 +1,7 @@
 """Portable quantized layers: Nunchaku's SVDQ W4A4 and AWQ W4A16 linears on any device.
 
-Nunchaku's kernels compute, for an SVDQ layer (nunchaku-format.md section 2),
+Nunchaku's kernels compute, for an SVDQ layer (nunchaku-tech/nunchaku@3a3cc3d
+nunchaku/models/linear.py:161-268, nunchaku/ops/fused.py:14-79),
 
     y = ((x + shift) / smooth) @ R.T + (x @ proj_down) @ proj_up.T + bias
 
@@ -162,12 +163,6 @@ class DequantizedLinear(nn.Module):
         if self.lora_down is not None:
             y = y + F.linear(F.linear(x.to(self.lora_down.dtype), self.lora_down), self.lora_up).to(y.dtype)
         return y
-
-    def dense_weight(self) -> torch.Tensor:
-        """The effective weight as float32 (dequantized from fp8 where needed); for tests and merging."""
-        if self.compute == "fp8":
-            return self.weight.float() * self.weight_scale[:, None]
-        return self.weight.float()
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, compute={self.compute}"

@@ -4,8 +4,8 @@ Nunchaku stores weights in the order its CUDA kernels read them (tiles of 128 ou
 fragments), not in row-major order. Each function pair below is a pure index permutation (plus nibble
 packing), written as reshape/permute so it is exact and fast. The layouts follow the reference packer
 (nunchaku-tech/nunchaku@3a3cc3d:nunchaku/lora/flux/packer.py, and the writer
-mit-han-lab/deepcompressor@69f3473:deepcompressor/backend/nunchaku/utils.py); the index formulas are in
-the project docs (nunchaku-format.md, section 3). `tests/test_svdq_layout.py` checks every function
+mit-han-lab/deepcompressor@69f3473:deepcompressor/backend/nunchaku/utils.py), whose pack functions the
+index formulas here invert. `tests/test_svdq_layout.py` checks every function
 against layers packed by the reference packer.
 
 Conventions: "dense" tensors are in natural order, weights [N out, K in]; "packed" tensors have the

@@ -18,7 +18,8 @@ DEMO_NOTE = (
 def cmd_demo(args: argparse.Namespace, reporter: Reporter) -> int:
     """The demo's files as the settings (written once into --cache-dir), one job on a generated picture."""
     from qwen_edit.errors import QwenEditError
-    from qwen_edit.settings import demo_settings, resolve_spec
+    from qwen_edit.settings import resolve_spec
+    from qwen_edit.testing.demo import demo_settings
 
     image = demo_picture()
     args.images, args.batch_file, args.prompt_file, args.lora, args.seed = [], None, None, None, [args.seed]

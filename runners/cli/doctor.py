@@ -414,7 +414,7 @@ def diagnose_nunchaku(
 
 def check_models(facts: Facts, configs: list[str] | None, models_dir: str | None) -> list[Check]:
     from qwen_edit.errors import QwenEditError
-    from qwen_edit.paths import safetensors_complete
+    from qwen_edit.header import safetensors_complete
     from qwen_edit.pipeline import find_tokenizer
     from qwen_edit.settings import load_settings
 
@@ -557,9 +557,9 @@ def check_disk(settings, missing: list[str], base: str) -> Check:
 def check_backend(facts: Facts, backend: str, compute: str) -> Check:
     import torch
 
+    from qwen_edit.backend import choose_backend, choose_compute
     from qwen_edit.hardware import DeviceInfo, UnsupportedHardwareError
     from qwen_edit.nunchaku_backend import status
-    from qwen_edit.transformer import choose_backend, choose_compute
 
     info = facts.device or DeviceInfo(torch.device("cpu"), "cpu", None, None)
     transformer = facts.files.get("transformer")

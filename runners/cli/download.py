@@ -47,11 +47,10 @@ REPO_COMFY = "Comfy-Org/Qwen-Image_ComfyUI"
 REPO_TOKENIZER = "Qwen/Qwen-Image-Edit-2509"
 TOKENIZER_TARGET = "text_encoders/tokenizer"  # pipeline.find_tokenizer looks beside the encoder
 TOKENIZER_REQUIRED = ("vocab.json", "merges.txt")
-# Approximate sizes for planning disk space without the network (doctor): the hub's files (Comfy-Org/
-# Qwen-Image_ComfyUI split_files/: the text encoder 9.38 GB, 1446 tensors; the VAE about 0.25 GB, 127 M
-# bf16 parameters). Transformers, counted from the SVDQ layout: 10.2 GB of 4-bit weights, 0.85 GB of
-# scales, low-rank branches of 0.38 GB (r32) or 1.5 GB (r128): int4 r32 11.5 GB, r128 12.6 GB; fp4's
-# group-16 fp8 scales add about 0.4 GB.
+# Approximate sizes for planning disk space without the network (doctor). Text encoder: 9.38 GB and VAE
+# ~0.25 GB, the files of Comfy-Org/Qwen-Image_ComfyUI (split_files/); transformers counted from the
+# layout of nunchaku-tech/nunchaku@3a3cc3d's SVDQ checkpoints: 60 blocks at 4 bits plus scales and the
+# low-rank branch (int4 r32 11.5 GB, r128 12.6 GB; fp4 about 0.4 GB more).
 APPROX_BYTES = {"text_encoder": 9_380_000_000, "vae": 254_000_000, "tokenizer": 12_000_000}
 CHUNK = 1 << 20
 PROGRESS_EVERY_S = 0.5

@@ -418,7 +418,7 @@ def run_one(pipe, job: Job, n_jobs: int, reporter: Reporter):
 
 def cmd_edit(args: argparse.Namespace, reporter: Reporter) -> int:
     if args.demo:
-        from qwen_edit.settings import demo_settings
+        from qwen_edit.testing.demo import demo_settings
 
         settings, defaults = demo_settings(args.cache_dir), {}
     else:

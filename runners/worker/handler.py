@@ -18,9 +18,8 @@ the SDK's local API server answer 500), so the handler sends the structured erro
 Fatal CUDA errors and OOM also set `refresh_worker`, so the platform replaces the worker.
 
 The handler is async and runs the pipeline in a thread: the event loop stays free, and when the
-platform cancels a job the thread is told to stop at the next step. (runpod-python 1.12.0, @07fc6e2:
-a sync handler blocks the worker's event loop, rp_job.py:257, so the per-job stop, which cancels the
-job's asyncio task in rp_scale.py:321-339, could never interrupt it.)
+platform cancels a job the thread is told to stop at the next step (a sync handler would block the SDK's
+event loop and could not be cancelled: runpod/runpod-python@07fc6e2 rp_job.py:257, rp_scale.py:321-339).
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ import torch
 
 from qwen_edit.errors import QwenEditError, SamplingCancelled, kind_of
 from qwen_edit.pipeline import QwenEditPipeline
-from qwen_edit.settings import PipelineSpec, Settings, demo_settings, load_settings, resolve_spec
+from qwen_edit.settings import PipelineSpec, Settings, load_settings, resolve_spec
 
 from . import images as inputs
 from . import outputs, storage
@@ -187,6 +186,8 @@ class Worker:
         self._started = True
         try:
             if self.config.demo:
+                from qwen_edit.testing.demo import demo_settings  # the demo's files: written on first use
+
                 layers = [self.config.settings] if self.config.settings else []
                 self.settings = demo_settings(self.config.demo_cache, layers)
             else:
@@ -459,9 +460,9 @@ class Worker:
         return error
 
     def _progress(self, job: Mapping, payload: dict) -> None:
-        """Per-step status through the SDK; only where there is a platform to send it to. Locally the
-        SDK posts to a placeholder URL and logs an error per call (runpod-python 1.12.0, @07fc6e2,
-        rp_http.py:16-19). Progress never fails a job."""
+        """Per-step status through the SDK; only where there is a platform to send it to (locally the
+        SDK would log an error per call: runpod/runpod-python@07fc6e2 rp_http.py:16-19). Progress never
+        fails a job."""
         log.debug("job %s progress %s", job.get("id"), payload)
         if not os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT") or "id" not in job:
             return
@@ -548,7 +549,7 @@ def main() -> None:
         get_worker().start()
     except Exception as exc:  # reported per job by _run_job; the worker still starts
         log.error("worker configuration: %s", exc)
-    # Here only: importing runpod calls logging.basicConfig (runpod-python 1.12.0, rp_upload.py:22-24).
+    # here only: importing runpod reconfigures logging (runpod/runpod-python@07fc6e2 rp_upload.py:22-24)
     import runpod
 
     runpod.serverless.start({"handler": handler})

@@ -1,11 +1,10 @@
 """The worker's request schema and error contract.
 
 Requests carry the seed (ComfyUI-based) worker's fields. Validation is our own, not runpod's
-`rp_validator`, which skips the bounds of optional fields that have defaults (runpod-python 1.12.0,
-@07fc6e2, runpod/serverless/utils/rp_validator.py:71-73: the loop continues before the constraints
-when the value has the default's type). Every bad field gets its own error (`details.errors`), each
-with a stable code, the field and a fix; the generation fields are checked by building
-`qwen_edit.params.EditParams`, so the bounds live in one place.
+`rp_validator`, which skips the bounds of optional fields that have defaults (runpod/runpod-python@07fc6e2,
+v1.12.0: runpod/serverless/utils/rp_validator.py:71-73). Every bad field gets its own error
+(`details.errors`), each with a stable code, the field and a fix; the generation fields are checked by
+building `qwen_edit.params.EditParams`, so the bounds live in one place.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Configured by environment variables (`StorageConfig.from_env`, the RunPod worker
 and optionally per request (`StorageConfig.with_overrides`). boto3 is imported only when a client is
 made, so the library does not need it.
 
-Client settings and why:
+Client settings and why (RunPod's S3 API: runpod/docs@a900806 storage/s3-api.mdx; boto3's checksums:
+runpod-workers/worker-comfyui issue #156):
 - path-style addressing and s3v4 signatures: custom endpoints (RunPod's `s3api-<dc>.runpod.io`, MinIO)
   have no per-bucket DNS names;
 - `request_checksum_calculation` / `response_checksum_validation` = "when_required": boto3 >= 1.36

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from ..settings import Settings, load_settings
 
 DEMO_VERSION = "1"  # bump when a writer's output changes, so stale caches are not reused
 # Qwen2.5's special tokens and ids (ComfyUI's bundled tokenizer_config.json, added_tokens_decoder).
@@ -29,6 +31,7 @@ DEMO_OUTPUT_MEGAPIXELS = 0.0625
 
 
 def default_cache_dir() -> Path:
+    """Where the demo files live: $QWEN_EDIT_CACHE, else the user cache; one folder per DEMO_VERSION."""
     root = os.environ.get("QWEN_EDIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return Path(root) / "qwen-edit" / f"demo-v{DEMO_VERSION}"
 
@@ -36,7 +39,7 @@ def default_cache_dir() -> Path:
 def demo_files(cache_dir: str | Path | None = None) -> dict:
     """Paths (and the text encoder config) for QwenEditPipeline.from_files, writing what is missing."""
     from .text_encoder import tiny_text_encoder_config, write_comfy_text_encoder
-    from .tiny import TINY_TRANSFORMER_CONFIG, write_tiny_transformer
+    from .transformer import TINY_TRANSFORMER_CONFIG, write_tiny_transformer
     from .vae import write_comfy_vae
 
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -58,6 +61,26 @@ def demo_files(cache_dir: str | Path | None = None) -> dict:
     _once(files["vae"], lambda p: write_comfy_vae(p, base_dim=8))
     _once(files["tokenizer"], write_demo_tokenizer)
     return {**files, "text_encoder_config": te_config}
+
+
+def demo_settings(cache_dir: str | Path | None = None, layers: Sequence = ()) -> Settings:
+    """Settings for the demo model: its files (written once into `cache_dir`) as the model folders, the
+    CPU, the portable backend in bf16; `layers` (settings files or dicts) go on top. With `resolve_spec`
+    and `QwenEditPipeline.from_spec`, what `QwenEditPipeline.demo()`, the CLI and the worker load."""
+    files = demo_files(cache_dir)
+    folder = Path(files["transformer"]).parent
+    (folder / "loras").mkdir(exist_ok=True)
+    section = {"base_path": str(folder), "diffusion_models": ".", "clip": ".", "vae": ".", "tokenizers": ".",
+               "loras": "loras"}  # fmt: skip
+    demo = {
+        "model_paths": {"demo": section},
+        "models": {name: Path(files[name]).name for name in ("transformer", "text_encoder", "vae")},
+        "device": "cpu", "backend": "portable", "compute": "bf16",
+    }  # fmt: skip
+    settings = load_settings([demo, *layers])
+    settings.text_encoder_config = files["text_encoder_config"]
+    settings.demo = True
+    return settings
 
 
 def _once(path: Path, write: Callable[[Path], object]) -> None:

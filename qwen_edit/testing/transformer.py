@@ -1,4 +1,5 @@
-"""Write SVDQ checkpoints: quantize dense linears into Nunchaku's exact tensors, layout and metadata.
+"""Transformer files for tests, benchmarks and the demo: SVDQ checkpoints in Nunchaku's exact tensors,
+layout and metadata, quantized from a dense model or filled with random values.
 
 SVDQuant (Li et al. 2024, "SVDQuant: Absorbing Outliers by Low-Rank Components for 4-Bit Diffusion
 Models") splits a smoothed weight W*diag(smooth) into a low-rank part (kept in 16 bits) and a 4-bit
@@ -17,14 +18,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from . import layout
-from .checkpoint import AWQ_LAYERS, BLOCK_NORMS, FUSED_QKV, SVDQ_LAYERS
-from .layers import INT4_FC2_SHIFT, modulation_scale_ones
+from ..svdq import layout
+from ..svdq.checkpoint import AWQ_LAYERS, BLOCK_NORMS, FUSED_PARTS, FUSED_QKV, SVDQ_LAYERS, expected_tensors
+from ..svdq.layers import INT4_FC2_SHIFT, modulation_scale_ones
 
 FP8_MAX = 448.0
 E2M1_MAX = 6.0
 
-# Metadata as nunchaku's merge_safetensors.py writes it (see the manifests in shared/data).
+# Metadata as nunchaku's merge_safetensors.py writes it (nunchaku-tech/nunchaku,
+# nunchaku/merge_safetensors.py; the tests check it against the real files' metadata).
 QUANTIZATION_CONFIGS = {
     "int4": {
         "method": "svdquant",
@@ -138,12 +140,6 @@ def quantize_awq_linear(weight: torch.Tensor, bias: torch.Tensor, splits: int = 
 
 # -- whole transformer ----------------------------------------------------------------------------
 
-# Diffusers' unfused projections that make up Nunchaku's fused layers, in the fused output order.
-FUSED_PARTS = {
-    "attn.to_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "attn.add_qkv_proj": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-}
-
 
 def _block_tensors(block: nn.Module, precision: str, rank: int) -> Iterator[tuple[str, torch.Tensor]]:
     for name, _, _ in SVDQ_LAYERS:
@@ -217,8 +213,6 @@ def write_random_checkpoint(
     loader reads and unpacks it exactly like a real checkpoint. Scales are small so activations stay
     finite through 60 blocks.
     """
-    from .checkpoint import expected_tensors
-
     gen = torch.Generator(device).manual_seed(seed)
     tensors = {}
     for name, (shape, dtype) in expected_tensors(config, precision, rank).items():
@@ -241,3 +235,48 @@ def write_random_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=svdq_metadata(config, precision, rank))
     return path
+
+
+# -- tiny models (tests, CI, the demo) ------------------------------------------------------------
+# Same key names, dtypes, packing and metadata as the real files; only the widths and depths are small
+# (every SVDQ dimension still a multiple of 128, as Nunchaku's tiles require).
+
+# Width 128 (2 heads of 64), MLP 512, modulation 768; text features 64 instead of 3584.
+TINY_TRANSFORMER_CONFIG = {
+    "_class_name": "QwenImageTransformer2DModel",
+    "attention_head_dim": 64,
+    "axes_dims_rope": [8, 28, 28],
+    "guidance_embeds": False,
+    "in_channels": 64,
+    "joint_attention_dim": 64,
+    "num_attention_heads": 2,
+    "num_layers": 2,
+    "out_channels": 16,
+    "patch_size": 2,
+}
+
+
+@torch.no_grad()
+def tiny_reference_transformer(config: dict | None = None, seed: int = 0) -> nn.Module:
+    """A float32 diffusers QwenImageTransformer2DModel with weights of realistic scale (not zero-init)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    config = dict(TINY_TRANSFORMER_CONFIG if config is None else config)
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    gen = torch.Generator().manual_seed(seed)
+    model = QwenImageTransformer2DModel(**config).eval()
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+        elif p.ndim == 2:
+            p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+        else:
+            p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def write_tiny_transformer(
+    path: str | Path, *, precision: str = "int4", rank: int = 16, seed: int = 0
+) -> Path:
+    """Quantize a tiny random transformer into an SVDQ file (Nunchaku's exact layout and metadata)."""
+    return quantize_transformer(tiny_reference_transformer(seed=seed), path, precision=precision, rank=rank)
