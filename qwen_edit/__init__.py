@@ -20,6 +20,8 @@ _EXPORTS = {
     "EditResult": "qwen_edit.pipeline",
     "GPUOutOfMemoryError": "qwen_edit.pipeline",
     "ParameterError": "qwen_edit.params",
+    "WorkflowError": "qwen_edit.workflow",
+    "plan_workflow": "qwen_edit.workflow",
     "read_lora": "qwen_edit.lora",
     "apply_loras": "qwen_edit.lora",
 }
