@@ -29,9 +29,11 @@ of the upstream definitions:
          how the editor's format becomes the API format (virtual nodes, muted and bypassed nodes).
 
 LoRAs are applied the way ComfyUI's LoraLoaderModelOnly does (every layer, alpha/rank scale), whichever
-loader node names them: QL's own composition differs on fused QKV and modulation layers, and
-ComfyUI-nunchaku ignores LoraLoaderModelOnly on its models (shared docs lora.md 2.3, 2.5;
-comfy-semantics.md 5). The plan's `notes` say so where it applies.
+loader node names them. QL composes its own way: the fused q/k/v LoRA scaled by alpha / (3 * rank)
+(QL nunchaku_code/lora_qwen.py:1557-1563) and the modulation layers skipped unless
+QWENIMAGE_LORA_APPLY_AWQ_MOD=1 (:62-63); ComfyUI-nunchaku's patcher never applies weight patches, so
+LoraLoaderModelOnly has no effect on its models there (CN model_patcher.py, NunchakuModelPatcher.load).
+The plan's `notes` say so where it applies.
 """
 
 from __future__ import annotations
