@@ -21,6 +21,8 @@ _EXPORTS = {
     "GPUOutOfMemoryError": "qwen_edit.pipeline",
     "ParameterError": "qwen_edit.params",
     "QwenEditError": "qwen_edit.errors",
+    "WorkflowError": "qwen_edit.workflow",
+    "plan_workflow": "qwen_edit.workflow",
     "read_lora": "qwen_edit.lora",
     "load_settings": "qwen_edit.settings",
     "resolve_spec": "qwen_edit.settings",

@@ -12,6 +12,7 @@ The pipeline only orchestrates. Each stage lives in its own module:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from .lora import LoraReport, apply_loras
 from .model import comfy_forward
 from .offload import OffloadPlan
 from .params import MAX_IMAGES, EditParams, ParameterError
+from .paths import ModelFolders
 from .sampling import SamplingCancelled, needs_uncond, sample, x0_from_flow
 from .settings import LoraSpec, ModelFiles, PipelineSpec, load_settings, resolve_spec
 from .svdq.checkpoint import read_checkpoint
@@ -36,6 +38,7 @@ from .svdq.checkpoint import read_checkpoint
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int, "torch.Tensor | None"], None]
+MAX_MEGAPIXELS = 16.0
 
 __all__ = ["EditResult", "GPUOutOfMemoryError", "QwenEditPipeline", "SamplingCancelled"]
 
@@ -94,6 +97,10 @@ class QwenEditPipeline:
         self.lora_report = LoraReport()  # what the LoRAs applied now reached, and what they could not
         self.files: ModelFiles | None = None  # set by from_files
         self.spec: PipelineSpec | None = None  # set by from_spec
+        # What from_files was given and set_offload last asked for, so run_workflow changes only what differs.
+        self.offload_settings: tuple[str, int, bool] | None = None
+        # The folders model names resolve in (from_config, from_workflow): run_workflow finds LoRAs there.
+        self.model_folders: ModelFolders | None = None
         self.load_seconds: dict[str, float] = {}  # per phase, set by from_files
         # The workflow's image budgets: references at ~1024x1024, the default output at 1 megapixel.
         # Only the demo changes them (a CPU can't run a tiny model at 1 MP "in seconds").
@@ -178,6 +185,7 @@ class QwenEditPipeline:
 
             compile_text_encoder(pipe.text_encoder)
         pipe.offload_plan = plan
+        pipe.offload_settings = (cpu_offload, num_blocks_on_gpu, use_pin_memory)
         if loras:
             pipe.set_loras(loras)
             clock.done("loras")
@@ -204,10 +212,46 @@ class QwenEditPipeline:
         override is a file path or a name in the model folders.
         """
         text_encoder_config = overrides.pop("text_encoder_config", None)
-        spec = resolve_spec(load_settings(config), allow_paths=True, **overrides)
+        settings = load_settings(config)
+        spec = resolve_spec(settings, allow_paths=True, **overrides)
         if text_encoder_config is not None:
             spec = spec.replace(text_encoder_config=text_encoder_config)
-        return cls.from_spec(spec)
+        pipe = cls.from_spec(spec)
+        pipe.model_folders = settings.folders
+        return pipe
+
+    @classmethod
+    def from_workflow(
+        cls,
+        workflow: str | Path | Mapping,
+        models: str | Path | Mapping | ModelFolders | object,
+        *,
+        overrides: Mapping | None = None,
+        **kwargs,
+    ) -> QwenEditPipeline:
+        """Load what a ComfyUI workflow's loader nodes name: its model files, LoRAs and offload settings.
+
+        `workflow`: API or editor format (dict, JSON text or a .json file), or a `WorkflowPlan`.
+        `models`: where the names resolve, as ComfyUI does: a ComfyUI `models/` folder, a settings file
+        or dict (`extra_model_paths.yaml` sections; its device, backend, compute, compile and tokenizer
+        are used too), a `Settings` or a `ModelFolders`. `overrides` as in `run_workflow`; `kwargs` go
+        to `from_files` (device, backend, compute, compile, tokenizer, ...). The graph is checked and
+        every name resolved before anything loads. Run it with `pipe.run_workflow(workflow, images)`.
+        """
+        from .workflow import model_source, plan_workflow, resolve_models
+
+        plan = plan_workflow(workflow, overrides)
+        folders, defaults = model_source(models)
+        files = resolve_models(plan, folders)
+        blocks = read_checkpoint(files.transformer).num_layers  # a header read: no tensor is loaded
+        cpu_offload, num_blocks_on_gpu, use_pin_memory = plan.loader.settings(blocks)
+        pipe = cls.from_files(
+            transformer=files.transformer, text_encoder=files.text_encoder, vae=files.vae, loras=files.loras,
+            cpu_offload=cpu_offload, num_blocks_on_gpu=num_blocks_on_gpu, use_pin_memory=use_pin_memory,
+            **{**defaults, **kwargs},
+        )  # fmt: skip
+        pipe.model_folders = folders
+        return pipe
 
     @classmethod
     def demo(
@@ -266,6 +310,7 @@ class QwenEditPipeline:
         if not plan.encoders_on_cpu:
             self._place_encoders(False)
         self.offload_plan = plan
+        self.offload_settings = (cpu_offload, num_blocks_on_gpu, use_pin_memory)
         log.info("offload: %s", plan.reason)
         return plan
 
@@ -353,14 +398,17 @@ class QwenEditPipeline:
         width: int | None = None,
         height: int | None = None,
         batch_size: int = 1,
+        output_megapixels: float | None = None,
         callback: ProgressCallback | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> EditResult:
         """Edit 1-3 images following `prompt`; returns `batch_size` images.
 
-        Output size: `width` x `height` (multiples of 16) if given, else image 1 at about one megapixel.
-        The encoders see image 1 at that megapixel budget (the workflow's ImageScaleToTotalPixels) and
-        images 2 and 3 as given.
+        Output size: `width` x `height` (multiples of 16) if given, else image 1 scaled to
+        `output_megapixels` (default: the pipeline's, one megapixel as the workflow's
+        ImageScaleToTotalPixels) and centre-cropped to multiples of 8 as VAEEncode does; the
+        image-to-image latent of `denoise` < 1 is that image. The encoders see image 1 at that
+        megapixel budget and images 2 and 3 as given.
         `callback(step, total, x0_latent)` runs after each step; `cancel()` is polled between steps
         and stops the edit with `SamplingCancelled`.
         """
@@ -369,20 +417,69 @@ class QwenEditPipeline:
             sampler_name=sampler_name, scheduler=scheduler, denoise=denoise, shift=shift,
             width=width, height=height, batch_size=batch_size,
         )  # fmt: skip
+        megapixels = self.output_megapixels if output_megapixels is None else output_megapixels
+        _check_megapixels(megapixels)
         pictures = _open_images(images)
         try:
-            return self._edit(params, pictures, callback, cancel)
+            return self._edit(params, pictures, callback, cancel, megapixels)
         except torch.cuda.OutOfMemoryError as exc:
             raise self._out_of_memory(params, exc) from None
 
-    def _edit(self, params: EditParams, pictures: list[Image.Image], callback, cancel) -> EditResult:
+    def run_workflow(
+        self,
+        workflow,
+        images: Mapping[str, Image.Image | str | Path | bytes]
+        | Sequence[Image.Image | str | Path | bytes]
+        | None = None,
+        overrides: Mapping | None = None,
+        *,
+        models: str | Path | Mapping | ModelFolders | object | None = None,
+        input_dir: str | Path | None = None,
+        callback: ProgressCallback | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> EditResult:
+        """Run a ComfyUI Qwen-Image-Edit-2509 workflow on this pipeline; returns `edit()`'s result.
+
+        `workflow`: API or editor format (dict, JSON text or a .json file), or a `WorkflowPlan`; a graph
+        the pipeline can't reproduce raises `WorkflowError` (node id, class, input, what is supported)
+        before anything runs. `images`: {LoadImage name: image} (worker-comfyui's `images[].name`), or a
+        list in slot order replacing the workflow's; names not given are read from `input_dir`.
+        `overrides`: request values on top of the workflow, {"prompt": ..., "seed": ..., "images": [...]}
+        and node inputs {"3.seed": 42} (`WorkflowPlan.with_overrides`). `models`: where the workflow's
+        names resolve (see `from_workflow`); default: the folders this pipeline was loaded from.
+
+        The workflow's model files must be the loaded ones (`ModelMismatchError` names those that
+        differ); its LoRAs and offload settings are applied here (`set_loras`, `set_offload`) when
+        they differ from the current ones.
+        """
+        from .workflow import check_loaded_models, model_source, plan_workflow, resolve_loras
+
+        plan = plan_workflow(workflow, overrides)
+        folders = model_source(models)[0] if models is not None else self.model_folders
+        loaded = {k: v for k, v in self.files._asdict().items() if v is not None} if self.files else {}
+        info = getattr(self.transformer, "qwen_edit_info", None)
+        if info is not None:
+            loaded.setdefault("transformer", Path(info.path))
+        check_loaded_models(plan, loaded, folders)
+        loras = resolve_loras(plan, folders)
+        if [(p, float(s)) for p, s in self.loras] != loras:
+            self.set_loras(loras)
+        offload = plan.loader.settings(len(self.transformer.transformer_blocks))
+        if offload != self.offload_settings:
+            self.set_offload(*offload)
+        pictures = plan.pictures(images, input_dir)
+        return self.edit(pictures, **plan.edit_arguments(pictures), callback=callback, cancel=cancel)
+
+    def _edit(
+        self, params: EditParams, pictures: list[Image.Image], callback, cancel, megapixels: float
+    ) -> EditResult:
         timings: dict = {}
         start = time.perf_counter()
         # The workflow gives TextEncodeQwenImageEditPlus image 1 after ImageScaleToTotalPixels (the same
         # node output VAEEncode turns into the latent), images 2 and 3 as loaded: both text encode nodes
         # take image1 from that node (nunchaku-tech/ComfyUI-nunchaku@dbfd194,
         # example_workflows/nunchaku-qwen-image-edit-2509.json and its -lightning twin).
-        node_images = [conditioning.scale_to_megapixels(pictures[0], self.output_megapixels), *pictures[1:]]
+        node_images = [conditioning.scale_to_megapixels(pictures[0], megapixels), *pictures[1:]]
 
         with self._stage("text_encode", timings, self.text_encoder):
             cond = self._encode(params.prompt, node_images)
@@ -400,14 +497,10 @@ class QwenEditPipeline:
             ]
             b = params.batch_size
             if params.denoise < 1.0:  # img2img from image 1, as the workflow's VAEEncode latent
-                out_pixels = conditioning.output_pixels(
-                    pictures[0], params.width, params.height, self.output_megapixels
-                )
+                out_pixels = conditioning.output_pixels(pictures[0], params.width, params.height, megapixels)
                 latent = encode_images(self.vae, out_pixels).unsqueeze(2).cpu().expand(b, -1, -1, -1, -1)
             else:  # only the shape matters: sampling starts from pure noise
-                w, h = conditioning.output_size(
-                    pictures[0], params.width, params.height, self.output_megapixels
-                )
+                w, h = conditioning.output_size(pictures[0], params.width, params.height, megapixels)
                 latent = torch.zeros(b, 16, 1, h // 8, w // 8)
 
         # Step times from CUDA events, read once after sampling: no host sync between steps unless a
@@ -533,6 +626,14 @@ class StepClock:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _check_megapixels(value) -> None:
+    # 16 MP is 4096 x 4096, the largest explicit size EditParams allows (and ImageScaleToTotalPixels' max).
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ParameterError("output_megapixels", f"must be a number in (0, {MAX_MEGAPIXELS}], got {value!r}")
+    if not 0 < value <= MAX_MEGAPIXELS:
+        raise ParameterError("output_megapixels", f"must be in (0, {MAX_MEGAPIXELS}], got {value}")
 
 
 def _open_images(images) -> list[Image.Image]:

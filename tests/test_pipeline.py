@@ -30,6 +30,12 @@ def pipe(demo_dir):
     return QwenEditPipeline.demo(cache_dir=demo_dir)
 
 
+def test_output_megapixels_sets_the_default_size(pipe):
+    image = picture(320, 240)
+    result = pipe.edit(image, "p", steps=1, output_megapixels=image.width * image.height / 2**20)
+    assert result.images[0].size == (320, 240)  # the picture's own size: scaled by exactly 1
+
+
 def test_one_image_default_size_and_timings(pipe):
     result = pipe.edit(picture(320, 240), "make it blue", seed=3)
     # Default output: image 1 at the pipeline's megapixel budget, sides multiples of 8.
@@ -116,6 +122,8 @@ def test_progress_callback_and_cancel(pipe):
         ({"seed": -1}, "seed"),
         ({"seed": 1.5}, "seed"),
         ({"shift": float("nan")}, "shift"),
+        ({"output_megapixels": 0}, "output_megapixels"),
+        ({"output_megapixels": 17.0}, "output_megapixels"),
     ],
 )
 def test_bad_parameters_name_the_field(pipe, kwargs, field):
