@@ -355,7 +355,7 @@ def test_overrides_inject_request_values(pipe, models, folders):
 
 
 def test_from_workflow_loads_what_the_loaders_name(pipe, models, folders):
-    from qwen_edit.demo import demo_files
+    from qwen_edit.testing.demo import demo_files
 
     workflow = seed_api(1)
     workflow["1"]["inputs"].update(cpu_offload="enable", num_blocks_on_gpu=20, use_pin_memory="enable")
@@ -363,7 +363,7 @@ def test_from_workflow_loads_what_the_loaders_name(pipe, models, folders):
     loaded = QwenEditPipeline.from_workflow(
         workflow, folders, device="cpu", backend="portable", compute="bf16", text_encoder_config=te_config
     )
-    assert loaded.files["transformer"].name == TRANSFORMER and loaded.files["vae"].name == VAE
+    assert loaded.files.transformer.name == TRANSFORMER and loaded.files.vae.name == VAE
     assert loaded.loras == [(lora(models, "a.safetensors"), 0.8)]
     assert loaded.offload_settings == ("enable", 2, True)  # 20 resident blocks of the demo's 2: all
     assert loaded.model_folders is folders
