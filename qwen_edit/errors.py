@@ -33,6 +33,7 @@ KINDS = {
     "cuda_error": "a fatal CUDA error: this process's CUDA context is unusable",
     "cancelled": "the caller's cancel() stopped the edit between steps",
     "storage": "object storage settings are invalid or a transfer failed",
+    "workflow": "a ComfyUI workflow the pipeline can't run as ComfyUI would (WorkflowError.rule says why)",
     "dependency": "a package the library needs is missing or too old",
     "runtime": "another runtime failure (torch, the OS)",
     "internal": "anything else: a bug",

@@ -50,6 +50,7 @@ from typing import Any
 from PIL import Image
 
 from . import conditioning
+from .errors import QwenEditError
 from .offload import CPU_OFFLOAD_MODES
 from .params import MAX_IMAGES, EditParams, ParameterError
 from .paths import ModelFolders, ModelNotFoundError, check_model_name, confine
@@ -83,17 +84,16 @@ CN = "nunchaku-tech/ComfyUI-nunchaku@dbfd194"
 QL = "ussoewwin/ComfyUI-QwenImageLoraLoader@6efac00"
 
 
-class WorkflowError(ValueError):
+class WorkflowError(QwenEditError, ValueError):
     """A workflow the pipeline can't run as ComfyUI would. `field` is "workflow.<node id>.<input>"
-    (or "workflow" for the graph as a whole); `kind` says which rule: "malformed" (not a valid
+    (or "workflow" for the graph as a whole); `rule` says which rule: "malformed" (not a valid
     graph), "unsupported" (a node or value the pipeline can't honour), "image" (a picture is missing
-    or unreadable), "models" (model names, or the loaded models, don't fit).
-
-    It carries `field` and `kind` as the library's other request errors do, so it can sit under a
-    common base class without its callers changing.
+    or unreadable), "models" (model names, or the loaded models, don't fit). Its kind (errors.KINDS)
+    is "workflow": the CLI and the worker map it like a bad request field.
     """
 
-    kind = "unsupported"
+    kind = "workflow"
+    rule = "unsupported"
 
     def __init__(
         self,
@@ -102,27 +102,27 @@ class WorkflowError(ValueError):
         node_id: str | None = None,
         class_type: str | None = None,
         input_name: str | None = None,
-        kind: str | None = None,
+        rule: str | None = None,
     ):
         self.node_id, self.class_type, self.input_name = node_id, class_type, input_name
-        if kind is not None:
-            self.kind = kind
+        if rule is not None:
+            self.rule = rule
         parts = ["workflow", *(p for p in (node_id, input_name) if p is not None)]
-        self.field = ".".join(parts)
         where = ""
         if node_id is not None:
             where = f"node {node_id} ({class_type or 'unknown class'})"
             if input_name is not None:
                 where += f", input '{input_name}'"
             where += ": "
-        super().__init__(f"{self.field}: {where}{message}")
+        field = ".".join(parts)
+        super().__init__(f"{field}: {where}{message}", field=field)
 
 
 class ModelMismatchError(WorkflowError):
     """The workflow names other model files than the pipeline has loaded; `differences` maps each
     slot (transformer, text_encoder, vae) to (the workflow's file, the loaded file)."""
 
-    kind = "models"
+    rule = "models"
 
     def __init__(self, message: str, differences: dict[str, tuple[str, str]], **where):
         super().__init__(message, **where)
@@ -463,7 +463,7 @@ class ImageOp:
         if w < 1 or h < 1:
             raise WorkflowError(
                 f"scales a {image.width}x{image.height} picture to {w}x{h}",
-                node_id=self.node_id, class_type=self.class_type, kind="image",
+                node_id=self.node_id, class_type=self.class_type, rule="image",
             )  # fmt: skip
         if box is not None:
             image = image.crop(box)
@@ -610,7 +610,7 @@ class WorkflowPlan:
                     f"the output latent would be {megapixels:.1f} megapixels (picture 1 is "
                     f"{pictures[0].width}x{pictures[0].height}); the pipeline makes at most 16: scale "
                     "picture 1 down (ImageScaleToTotalPixels) or use an EmptySD3LatentImage",
-                    node_id=node, class_type=self.graph[node]["class_type"], kind="image",
+                    node_id=node, class_type=self.graph[node]["class_type"], rule="image",
                 )  # fmt: skip
             args["output_megapixels"] = megapixels
         return args
@@ -716,14 +716,14 @@ def _open_slot(slot: ImageSlot, given: Mapping[str, ImageLike], input_dir: str |
             raise WorkflowError(
                 f"image {slot.name!r} is not in the input folder {folder}",
                 input_name="image",
-                kind="image",
+                rule="image",
                 **node,
             )
         source, what = confine(path, folder, field_name), f"image {slot.name!r}"
     else:
         raise WorkflowError(
             f"no picture given for {slot.name!r}: pass images={{{slot.name!r}: ...}} or an input folder",
-            input_name="image", kind="image", **node,
+            input_name="image", rule="image", **node,
         )  # fmt: skip
     try:
         return conditioning.open_image(source)
@@ -731,7 +731,7 @@ def _open_slot(slot: ImageSlot, given: Mapping[str, ImageLike], input_dir: str |
         if slot.data is not None:
             raise ParameterError(what, f"cannot be read as an image ({exc})") from exc
         raise WorkflowError(
-            f"{what} cannot be read as an image ({exc})", input_name="image", kind="image", **node
+            f"{what} cannot be read as an image ({exc})", input_name="image", rule="image", **node
         ) from exc
 
 
@@ -752,13 +752,13 @@ def load_workflow(source: str | Path | Mapping) -> tuple[dict, tuple[tuple[str, 
         else:
             path = Path(source)
             if not path.is_file():
-                raise WorkflowError(f"workflow file not found: {path}", kind="malformed")
+                raise WorkflowError(f"workflow file not found: {path}", rule="malformed")
             data = _parse_json(path.read_text(encoding="utf-8"), str(path))
     elif isinstance(source, Mapping):
         data = source
     else:
         raise WorkflowError(
-            f"a workflow is a dict, JSON text or a file, got {type(source).__name__}", kind="malformed"
+            f"a workflow is a dict, JSON text or a file, got {type(source).__name__}", rule="malformed"
         )
     if "nodes" in data and "links" in data:
         return _editor_to_api(data)
@@ -768,14 +768,14 @@ def load_workflow(source: str | Path | Mapping) -> tuple[dict, tuple[tuple[str, 
         raise WorkflowError(
             "not a ComfyUI workflow: expected the API format {node id: {class_type, inputs}} or the "
             "editor's format with nodes and links",
-            kind="malformed",
+            rule="malformed",
         )
     graph = {}
     for node_id, node in data.items():
         inputs = node.get("inputs", {})
         if not isinstance(inputs, Mapping) or not isinstance(node["class_type"], str):
             raise WorkflowError(
-                "needs a class_type string and an inputs object", node_id=str(node_id), kind="malformed"
+                "needs a class_type string and an inputs object", node_id=str(node_id), rule="malformed"
             )
         graph[str(node_id)] = {"class_type": node["class_type"], "inputs": dict(inputs)}
     return graph, (), ()
@@ -785,7 +785,7 @@ def _parse_json(text: str, what: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise WorkflowError(f"{what} is not valid JSON ({exc})", kind="malformed") from None
+        raise WorkflowError(f"{what} is not valid JSON ({exc})", rule="malformed") from None
 
 
 @dataclass
@@ -799,7 +799,7 @@ class _EditorLink:
 def _editor_to_api(data: Mapping) -> tuple[dict, tuple[tuple[str, str], ...], tuple[str, ...]]:
     nodes, links = data.get("nodes"), data.get("links")
     if not isinstance(nodes, list) or not isinstance(links, list):
-        raise WorkflowError("the editor's format needs lists 'nodes' and 'links'", kind="malformed")
+        raise WorkflowError("the editor's format needs lists 'nodes' and 'links'", rule="malformed")
     subgraphs = {
         str(s.get("id"))
         for s in ((data.get("definitions") or {}).get("subgraphs") or [])
@@ -808,7 +808,7 @@ def _editor_to_api(data: Mapping) -> tuple[dict, tuple[tuple[str, str], ...], tu
     by_id: dict[str, Mapping] = {}
     for node in nodes:
         if not isinstance(node, Mapping) or "id" not in node or not isinstance(node.get("type"), str):
-            raise WorkflowError("every node needs an id and a type", kind="malformed")
+            raise WorkflowError("every node needs an id and a type", rule="malformed")
         by_id[str(node["id"])] = node
     table: dict[int, _EditorLink] = {}
     for link in links:
@@ -819,7 +819,7 @@ def _editor_to_api(data: Mapping) -> tuple[dict, tuple[tuple[str, str], ...], tu
         else:
             raise WorkflowError(
                 f"link {link!r} is neither [id, origin, slot, target, slot, type] nor an object",
-                kind="malformed",
+                rule="malformed",
             )
         table[parts[0]] = _EditorLink(str(parts[1]), int(parts[2]), str(parts[3]), int(parts[4]))
 
@@ -878,12 +878,12 @@ def _widget_values(node_id: str, class_type: str, spec: _Node, values) -> dict:
         if unknown:
             raise WorkflowError(
                 f"widgets_values names {', '.join(unknown)}, not widgets of the node ({spec.source})",
-                node_id=node_id, class_type=class_type, kind="malformed",
+                node_id=node_id, class_type=class_type, rule="malformed",
             )  # fmt: skip
         return dict(values)
     if not isinstance(values, list):
         raise WorkflowError(
-            "widgets_values must be a list", node_id=node_id, class_type=class_type, kind="malformed"
+            "widgets_values must be a list", node_id=node_id, class_type=class_type, rule="malformed"
         )
     out, i = {}, 0
     for widget in spec.widgets:
@@ -899,7 +899,7 @@ def _widget_values(node_id: str, class_type: str, spec: _Node, values) -> dict:
         raise WorkflowError(
             f"widgets_values has {len(values)} values, more than the node's widgets ({names}) in "
             f"{spec.source}; a newer version of the node? Export the workflow in the API format",
-            node_id=node_id, class_type=class_type, kind="malformed",
+            node_id=node_id, class_type=class_type, rule="malformed",
         )  # fmt: skip
     return out
 
@@ -909,7 +909,7 @@ def _resolve_link(link_id, want_type, table: dict, by_id: dict, consumer: str):
     seen = set()
     while True:
         if link_id in seen or link_id not in table:
-            raise WorkflowError(f"link {link_id} is missing or loops", node_id=consumer, kind="malformed")
+            raise WorkflowError(f"link {link_id} is missing or loops", node_id=consumer, rule="malformed")
         seen.add(link_id)
         link = table[link_id]
         origin = by_id.get(link.origin)
@@ -917,7 +917,7 @@ def _resolve_link(link_id, want_type, table: dict, by_id: dict, consumer: str):
             raise WorkflowError(
                 f"link {link_id} comes from node {link.origin}, which is not in the workflow",
                 node_id=consumer,
-                kind="malformed",
+                rule="malformed",
             )
         if origin["type"] == "PrimitiveNode":
             return "value", (origin.get("widgets_values") or [None])[0]
@@ -972,7 +972,7 @@ def apply_node_overrides(graph: Mapping, values: Mapping[str, Any]) -> dict:
         if node_id not in out:
             raise WorkflowError(
                 f"no node {node_id} in the workflow (nodes: {', '.join(sorted(out, key=_id_order))})",
-                node_id=node_id, input_name=name, kind="malformed",
+                node_id=node_id, input_name=name, rule="malformed",
             )  # fmt: skip
         class_type = out[node_id]["class_type"]
         where = {"node_id": node_id, "class_type": class_type, "input_name": name}
@@ -981,10 +981,10 @@ def apply_node_overrides(graph: Mapping, values: Mapping[str, Any]) -> dict:
         if inp is None:
             names = ", ".join(i.name for i in spec.inputs if not i.is_link and not i.editor_only)
             raise WorkflowError(
-                f"is not an input of {class_type}; its values: {names}", kind="malformed", **where
+                f"is not an input of {class_type}; its values: {names}", rule="malformed", **where
             )
         if inp.is_link:
-            raise WorkflowError("is a connection; only widget values can be set", kind="malformed", **where)
+            raise WorkflowError("is a connection; only widget values can be set", rule="malformed", **where)
         out[node_id]["inputs"][name] = _coerce(value, inp, where)
     return out
 
@@ -1001,7 +1001,7 @@ def _coerce(value, inp: _In, where: dict):
             return value.lower() == "true"
     except ValueError:
         pass
-    raise WorkflowError(f"{value!r} is not a {inp.type.lower()}", kind="malformed", **where)
+    raise WorkflowError(f"{value!r} is not a {inp.type.lower()}", rule="malformed", **where)
 
 
 def _id_order(node_id: str):
@@ -1050,8 +1050,8 @@ class _Graph:
     def where(self, node_id: str, name: str | None = None) -> dict:
         return {"node_id": node_id, "class_type": self.cls(node_id), "input_name": name}
 
-    def error(self, node_id: str, name: str | None, message: str, kind: str = "unsupported") -> WorkflowError:
-        return WorkflowError(message, kind=kind, **self.where(node_id, name))
+    def error(self, node_id: str, name: str | None, message: str, rule: str = "unsupported") -> WorkflowError:
+        return WorkflowError(message, rule=rule, **self.where(node_id, name))
 
     def _check_node(self, node_id: str) -> None:
         spec = NODES[self.cls(node_id)]
@@ -1193,14 +1193,14 @@ def _check_value(value, inp: _In, where: dict) -> None:
     else:
         ok = isinstance(value, str)
     if not ok:
-        raise WorkflowError(f"{value!r} is not a {kind.lower()}", kind="malformed", **where)
+        raise WorkflowError(f"{value!r} is not a {kind.lower()}", rule="malformed", **where)
     if inp.options is not None and value not in inp.options:
         raise WorkflowError(
-            f"{value!r} is not one of {', '.join(map(str, inp.options))}", kind="malformed", **where
+            f"{value!r} is not one of {', '.join(map(str, inp.options))}", rule="malformed", **where
         )
     if inp.low is not None and not inp.low <= value <= inp.high:
         raise WorkflowError(
-            f"{value} is outside the node's range [{inp.low}, {inp.high}]", kind="malformed", **where
+            f"{value} is outside the node's range [{inp.low}, {inp.high}]", rule="malformed", **where
         )
 
 
@@ -1637,7 +1637,7 @@ def resolve_loras(plan: WorkflowPlan, folders: ModelFolders | None) -> list[tupl
                 f"no model folders to find LoRA {lora.name!r} in: pass models=... (a ComfyUI models folder "
                 "or settings), or load the pipeline with from_workflow / from_config",
                 node_id=lora.node_id, class_type=class_type if lora.node_id else None,
-                input_name=lora.input_name if lora.node_id else None, kind="models",
+                input_name=lora.input_name if lora.node_id else None, rule="models",
             )  # fmt: skip
         out.append((str(_resolve(folders, "loras", lora.name, where, class_type)), lora.strength))
     return out

@@ -377,7 +377,7 @@ def test_input_folder_and_missing_pictures(pipe, folders, tmp_path):
     plan = plan_workflow(seed_api(1))
     with pytest.raises(WorkflowError, match=r"node 10 \(LoadImage\).*pic1.png") as info:
         plan.pictures({})
-    assert info.value.field == "workflow.10.image" and info.value.kind == "image"
+    assert info.value.field == "workflow.10.image" and info.value.rule == "image"
     PICTURES["pic1.png"].save(tmp_path / "pic1.png")
     [read] = plan.pictures(None, tmp_path)
     assert read.tobytes() == PICTURES["pic1.png"].tobytes()
@@ -660,7 +660,7 @@ def test_refused_before_loading_with_the_node_named(rule, kind, change, node_id,
     error = info.value
     message = str(error)
     assert f"node {node_id} ({class_type})" in message, message
-    assert error.kind == kind, message
+    assert error.rule == kind, message
     assert error.field == ".".join(p for p in ("workflow", node_id, input_name) if p), message
     assert isinstance(error, ValueError)
 
@@ -689,14 +689,14 @@ def test_refusals_of_the_editor_format():
     nodes[40]["widgets_values"].append(0.5)  # one value more than KSampler's widgets
     with pytest.raises(WorkflowError, match=r"node 40 \(KSampler\).*widgets_values") as info:
         plan_workflow(data)
-    assert info.value.kind == "malformed"
+    assert info.value.rule == "malformed"
     data = seed_editor(1).json()
     {n["id"]: n for n in data["nodes"]}[2]["mode"] = 2  # a muted LoRA loader cuts the model chain
     with pytest.raises(
         WorkflowError, match=r"node 3 \(ModelSamplingAuraFlow\), input 'model'.*node 2"
     ) as info:
         plan_workflow(data)
-    assert info.value.kind == "unsupported"
+    assert info.value.rule == "unsupported"
     data = seed_editor(1).json()
     data["definitions"] = {"subgraphs": [{"id": "a1b2"}]}
     data["nodes"].append({"id": 77, "type": "a1b2", "mode": 0, "inputs": [], "outputs": []})
@@ -708,12 +708,12 @@ def test_refusals_of_node_overrides():
     plan = plan_workflow(seed_api(1))
     with pytest.raises(WorkflowError, match=r"node 40 \(KSampler\), input 'positive'.*connection") as info:
         plan.with_overrides({"40.positive": "x"})
-    assert info.value.kind == "malformed"
+    assert info.value.rule == "malformed"
     with pytest.raises(
         WorkflowError, match=r"node 40 \(KSampler\), input 'sampler_name'.*supported: euler"
     ) as info:
         plan.with_overrides({"40.sampler_name": "dpmpp_sde"})
-    assert info.value.kind == "unsupported"
+    assert info.value.rule == "unsupported"
     with pytest.raises(WorkflowError, match=r"node 40 \(KSampler\), input 'steps'.*not a int"):
         plan.with_overrides({"40.steps": "four"})
 
@@ -721,7 +721,7 @@ def test_refusals_of_node_overrides():
 def test_not_a_workflow_and_no_output():
     with pytest.raises(WorkflowError, match="not a ComfyUI workflow") as info:
         plan_workflow({"hello": "world"})
-    assert info.value.field == "workflow" and info.value.kind == "malformed"
+    assert info.value.field == "workflow" and info.value.rule == "malformed"
     graph = seed_api(1)
     del graph["60"]
     with pytest.raises(WorkflowError, match="no output node") as info:

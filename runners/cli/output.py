@@ -63,6 +63,7 @@ KIND_ERRORS = {
     "cuda_error": ("runtime_error", EXIT_RUNTIME, "qwen-edit doctor"),
     "runtime": ("runtime_error", EXIT_RUNTIME, "qwen-edit doctor"),
     "storage": ("runtime_error", EXIT_RUNTIME, None),  # the CLI uses no object storage
+    "workflow": ("bad_workflow", EXIT_USAGE, "change the node the message names, or --set its input"),
     "cancelled": ("cancelled", EXIT_CANCELLED, None),
     "internal": ("internal_error", EXIT_INTERNAL, None),
 }

@@ -70,6 +70,7 @@ KIND_ERRORS = {
     "cuda_error": ("CUDA_ERROR", "retry: the platform starts a fresh worker", True),
     "cancelled": ("CANCELLED", None, False),
     "storage": ("INVALID_INPUT", None, False),
+    "workflow": ("INVALID_WORKFLOW", "change the node the message names (input.workflow)", False),
     "dependency": ("INTERNAL", "retry; if it persists, report it with the worker's log", True),
     "runtime": ("INTERNAL", "retry; if it persists, report it with the worker's log", True),
     "internal": ("INTERNAL", "retry; if it persists, report it with the worker's log", True),
