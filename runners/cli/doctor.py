@@ -609,7 +609,12 @@ def check_offload(facts: Facts, backend: str, compute: str) -> Check:
 
     try:
         sizes = offload.file_sizes(
-            *(facts.files[k] for k in needed), device=facts.device.device, backend=backend, compute=compute
+            facts.checkpoint or facts.files["transformer"],  # the header read once, in check_models
+            facts.files["text_encoder"],
+            facts.files["vae"],
+            device=facts.device.device,
+            backend=backend,
+            compute=compute,
         )
         plan = offload.plan_offload(
             cpu_offload="auto",

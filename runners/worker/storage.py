@@ -2,18 +2,16 @@
 
 Configured by environment variables (`StorageConfig.from_env`, the RunPod worker's `RUNPOD_STORAGE_*`)
 and optionally per request (`StorageConfig.with_overrides`). boto3 is imported only when a client is
-made, so the library does not need it.
+made, so only uploads and object-key inputs need it.
 
 Client settings and why (RunPod's S3 API: runpod/docs@a900806 storage/s3-api.mdx; boto3's checksums:
 runpod-workers/worker-comfyui issue #156):
 - path-style addressing and s3v4 signatures: custom endpoints (RunPod's `s3api-<dc>.runpod.io`, MinIO)
   have no per-bucket DNS names;
 - `request_checksum_calculation` / `response_checksum_validation` = "when_required": boto3 >= 1.36
-  adds CRC checksums by default, which many non-AWS stores reject (SignatureDoesNotMatch;
-  runpod-workers/worker-comfyui issue #156);
-- RunPod's volume API has no presigned URLs (runpod/docs @a900806, storage/s3-api.mdx:463-506), so an
-  upload returns its key, and a URL only when a public base URL is configured (or presigning is asked
-  for, for stores that support it);
+  adds CRC checksums by default, which many non-AWS stores reject (SignatureDoesNotMatch);
+- RunPod's volume API has no presigned URLs, so an upload returns its key, and a URL only when a public
+  base URL is configured (or presigning is asked for, for stores that support it);
 - bounded retries and timeouts: an unreachable store must fail the upload in seconds, not minutes, so
   that the worker can still return the image as base64.
 """
