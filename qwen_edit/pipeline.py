@@ -196,10 +196,8 @@ class QwenEditPipeline:
         """Build from a resolved `settings.PipelineSpec` (`settings.resolve_spec`; the demo's:
         `testing.demo.demo_settings`): what the CLI, the worker and `from_config` load through."""
         pipe = cls.from_files(**spec.from_files_kwargs())
-        if spec.demo:  # a CPU can't run even the tiny model at 1 megapixel "in seconds"
-            from .testing.demo import DEMO_OUTPUT_MEGAPIXELS, DEMO_REFERENCE_AREA
-
-            pipe.reference_area, pipe.output_megapixels = DEMO_REFERENCE_AREA, DEMO_OUTPUT_MEGAPIXELS
+        if spec.demo:
+            pipe._use_demo_sizes()
         pipe.spec = spec
         return pipe
 
@@ -251,7 +249,15 @@ class QwenEditPipeline:
             **{**defaults, **kwargs},
         )  # fmt: skip
         pipe.model_folders = folders
+        if getattr(models, "demo", False):  # the demo's settings (testing.demo.demo_settings)
+            pipe._use_demo_sizes()
         return pipe
+
+    def _use_demo_sizes(self) -> None:
+        """The demo's image budgets: a CPU can't run even the tiny model at 1 megapixel "in seconds"."""
+        from .testing.demo import DEMO_OUTPUT_MEGAPIXELS, DEMO_REFERENCE_AREA
+
+        self.reference_area, self.output_megapixels = DEMO_REFERENCE_AREA, DEMO_OUTPUT_MEGAPIXELS
 
     @classmethod
     def demo(

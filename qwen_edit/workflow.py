@@ -1600,6 +1600,8 @@ def model_source(models) -> tuple[ModelFolders, dict]:
     tokenizer = settings.models.get("tokenizer")
     if tokenizer is not None:
         defaults["tokenizer"] = settings.folders.resolve("tokenizers", tokenizer)
+    if getattr(settings, "text_encoder_config", None) is not None:  # the demo's tiny encoder
+        defaults["text_encoder_config"] = settings.text_encoder_config
     return settings.folders, defaults
 
 

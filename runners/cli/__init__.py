@@ -3,6 +3,7 @@
 A thin runner over the library, one module per concern:
     parser      the command line as tables of flags
     edit        jobs (command line, batch file), the model spec, running them with progress
+    run         a ComfyUI workflow JSON, headless
     demo        the tiny random-weight model end to end
     download    the model files from the Hugging Face hub, resumable
     doctor      is this machine ready, and what to fix if not
@@ -24,6 +25,7 @@ from .download import cmd_download
 from .edit import Job, cmd_edit, output_paths, parse_lora, run_jobs
 from .output import EXIT_CANCELLED, EXIT_INTERNAL, EXIT_USAGE, CliError, Reporter, cli_error
 from .parser import UsageError, build_parser
+from .run import cmd_run
 
 __all__ = ["Job", "build_parser", "main", "output_paths", "parse_lora", "run_jobs"]
 
@@ -55,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     # Looked up here, not stored in the parser: the names stay patchable (tests replace a command).
-    commands = {"edit": cmd_edit, "download": cmd_download, "doctor": cmd_doctor, "demo": cmd_demo}
+    commands = {
+        "edit": cmd_edit, "run": cmd_run, "download": cmd_download, "doctor": cmd_doctor, "demo": cmd_demo
+    }  # fmt: skip
     _configure_logging(args.verbose)
     reporter = Reporter(args.command, args.json, stdout=sys.stdout, stderr=sys.stderr)
     saved_stdout = sys.stdout

@@ -123,6 +123,26 @@ DEMO: list[Flag] = [
     }),
 ]  # fmt: skip
 
+RUN: list[Flag] = [
+    (("workflow",), {"metavar": "WORKFLOW.json", "help": "a ComfyUI workflow, API or editor format"}),
+    (("--set",), {
+        "action": "append", "metavar": "NODE.INPUT=VALUE",
+        "help": "change a node's input, e.g. --set 3.seed=42 --set 6.text='a red car' (repeatable)",
+    }),
+    (("--image",), {
+        "action": "append", "metavar": "NAME=PATH",
+        "help": "the file for a LoadImage node's image name (repeatable); others come from --input-dir",
+    }),
+    (("--input-dir",), {"metavar": "DIR", "help": "ComfyUI's input/ folder: where LoadImage names are read"}),
+    (("-o", "--out"), {"default": ".", "metavar": "DIR", "help": "where SaveImage's files go (default: .)"}),
+    (("--dry-run",), {"action": "store_true", "help": "check the graph, the --set values and the pictures"}),
+    (("--demo",), {
+        "action": "store_true",
+        "help": "the tiny demo model's files as the model folders (name them in the workflow)",
+    }),
+    (("--cache-dir",), {"metavar": "DIR", "help": "with --demo: where its files are"}),
+]  # fmt: skip
+
 # command -> its parser: shared flag sets, its own flags, defaults, and the text of --help.
 COMMANDS: dict[str, dict[str, Any]] = {
     "edit": {
@@ -132,6 +152,13 @@ COMMANDS: dict[str, dict[str, Any]] = {
         "help": "edit images following a prompt",
         "description": "Edit 1-3 images following a prompt; writes PNGs with the parameters "
         "embedded (text chunk 'parameters').",
+    },
+    "run": {
+        "shared": ("common", "models"),
+        "flags": RUN,
+        "help": "run a ComfyUI Qwen-Image-Edit-2509 workflow headless",
+        "description": "Run a ComfyUI workflow (API or editor JSON) the way ComfyUI would: its loader, "
+        "LoRA, sampling and image nodes; anything else is refused before loading, naming the node.",
     },
     "download": {
         "shared": ("common",),

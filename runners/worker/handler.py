@@ -46,7 +46,7 @@ from qwen_edit.settings import PipelineSpec, Settings, load_settings, resolve_sp
 
 from . import images as inputs
 from . import outputs, storage
-from .schema import JobRequest, WorkerError, parse_request
+from .schema import JobRequest, WorkerError, parse_request, parse_workflow_request
 
 log = logging.getLogger("qwen_edit.worker")
 
@@ -235,7 +235,10 @@ class Worker:
     def _run(self, job: Mapping, job_id: str, started: float, stop: threading.Event) -> dict:
         if self._broken is not None:
             raise self._broken
-        request = parse_request(job.get("input"), max_timeout=self.config.max_timeout)
+        payload = job.get("input")
+        if isinstance(payload, Mapping) and "workflow" in payload:  # worker-comfyui's request
+            return self._run_workflow(payload, job, job_id, started, stop)
+        request = parse_request(payload, max_timeout=self.config.max_timeout)
         timeout = request.timeout or self.config.default_timeout
         deadline = started + timeout
         store = outputs.request_storage(self.config.storage, job, request.storage, self.config.url_policy)
@@ -275,19 +278,7 @@ class Worker:
                     **edit,
                 )
             except SamplingCancelled as exc:
-                if stop.is_set():
-                    raise WorkerError(
-                        "CANCELLED", f"cancelled after {exc.step} of {exc.total} steps"
-                    ) from None
-                raise _timeout(
-                    timeout,
-                    f"during sampling: stopped after {exc.step} of {exc.total} steps",
-                    details={
-                        "steps_done": exc.step,
-                        "total_steps": exc.total,
-                        "elapsed": round(time.monotonic() - started, 3),
-                    },
-                ) from None
+                raise _stopped(exc, stop, timeout, started) from None
             # What the LoRAs of *this* pipeline could not reach: a pipeline loaded for this job has none.
             lora_warnings = [
                 f"LoRA {name}: {len(keys)} keys match no module of this model (e.g. {keys[0]})"
@@ -314,6 +305,81 @@ class Worker:
         if warnings:
             output["warnings"] = warnings
         return output
+
+    def _run_workflow(
+        self, payload: Mapping, job: Mapping, job_id: str, started: float, stop: threading.Event
+    ) -> dict:
+        """A ComfyUI workflow with named images (worker-comfyui's request), answered in its shape:
+        `images` [{filename, type: "base64" | "s3_url", data}], plus seed, parameters and timings."""
+        from qwen_edit.svdq.checkpoint import read_checkpoint
+        from qwen_edit.workflow import plan_workflow, resolve_models
+
+        request = parse_workflow_request(payload, max_timeout=self.config.max_timeout)
+        timeout = request.timeout or self.config.default_timeout
+        deadline = started + timeout
+        store = outputs.request_storage(self.config.storage, job, request.storage, self.config.url_policy)
+        try:  # the graph and every name it uses are checked before any work
+            plan = plan_workflow(request.workflow, request.overrides)
+            files = resolve_models(plan, self.settings.folders)
+            offload = plan.loader.settings(read_checkpoint(files.transformer).num_layers)
+            spec = resolve_spec(
+                self.settings,
+                transformer=plan.models["transformer"],
+                text_encoder=plan.models["text_encoder"],
+                vae=plan.models["vae"],
+                loras=[(lora.name, lora.strength) for lora in plan.loras],
+                cpu_offload=offload[0],
+                num_blocks_on_gpu=offload[1],
+                use_pin_memory=offload[2],
+            )
+        except QwenEditError as exc:
+            raise self._error(exc) from None
+        if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise _timeout(timeout, "while waiting for the previous job")
+        timings: dict = {"queue": time.monotonic() - started}
+        try:
+            self._start()
+            if self._broken is not None:
+                raise self._broken
+            pictures = {name: self._picture(source, store, deadline) for name, source in request.images}
+            pipe = self._pipeline(spec, job)
+            self._apply_loras(pipe, spec)
+            self._apply_offload(pipe, spec)
+
+            def on_step(step: int, total: int, _x0) -> None:
+                self._progress(job, {"stage": "sampling", "step": step, "total": total})
+
+            try:
+                result = pipe.run_workflow(
+                    plan, pictures or None, models=self.settings.folders, input_dir=self._input_dir(),
+                    callback=on_step, cancel=lambda: stop.is_set() or time.monotonic() >= deadline,
+                )  # fmt: skip
+            except SamplingCancelled as exc:
+                raise _stopped(exc, stop, timeout, started) from None
+            except QwenEditError as exc:
+                raise self._error(exc) from None
+        finally:
+            self.lock.release()
+        images, warnings = outputs.deliver(result, store, job_id)
+        names = _comfy_names(plan.output.filename_prefix, len(images))
+        timings.update(
+            {k: v for k, v in result.timings.items() if k != "total"}, edit=result.timings["total"]
+        )
+        timings["total"] = time.monotonic() - started
+        output = {
+            "images": [_comfy_image(name, entry) for name, entry in zip(names, images, strict=True)],
+            "seed": result.seed,
+            "parameters": result.parameters,
+            "timings": {k: _round(v) for k, v in timings.items()},
+            "model": self._model_info(pipe),
+        }
+        if warnings:
+            output["warnings"] = warnings
+        return output
+
+    def _input_dir(self) -> Path | None:
+        """LoadImage names the request does not carry are read from the first input folder."""
+        return next((d for d in self.config.input_dirs if d.is_dir()), None)
 
     # -- models ----------------------------------------------------------------------------------
 
@@ -475,6 +541,21 @@ class Worker:
             log.warning("progress update failed: %s", exc)
 
 
+def _stopped(exc: SamplingCancelled, stop: threading.Event, timeout: float, started: float) -> WorkerError:
+    """The error for an edit stopped between steps: the platform's cancel, or the job's deadline."""
+    if stop.is_set():
+        return WorkerError("CANCELLED", f"cancelled after {exc.step} of {exc.total} steps")
+    return _timeout(
+        timeout,
+        f"during sampling: stopped after {exc.step} of {exc.total} steps",
+        details={
+            "steps_done": exc.step,
+            "total_steps": exc.total,
+            "elapsed": round(time.monotonic() - started, 3),
+        },
+    )
+
+
 def _timeout(timeout: float, when: str, details: dict | None = None) -> WorkerError:
     return WorkerError(
         "TIMEOUT",
@@ -483,6 +564,20 @@ def _timeout(timeout: float, when: str, details: dict | None = None) -> WorkerEr
         fix="raise timeout, or use fewer steps, a smaller size or batch",
         details=details,
     )
+
+
+def _comfy_names(prefix: str, count: int) -> list[str]:
+    """SaveImage's file names, as worker-comfyui reports them."""
+    return [f"{Path(prefix).name}_{i:05}_.png" for i in range(1, count + 1)]
+
+
+def _comfy_image(name: str, entry: dict) -> dict:
+    """One output in worker-comfyui's shape; an upload without a URL is named by its object key."""
+    if "url" in entry:
+        return {"filename": name, "type": "s3_url", "data": entry["url"]}
+    if "base64" in entry:
+        return {"filename": name, "type": "base64", "data": entry["base64"]}
+    return {"filename": name, "type": "object_key", "data": entry.get("object_key")}
 
 
 def _round(value):

@@ -43,6 +43,7 @@ ERROR_CODES = {
     "CUDA_OOM": "the GPU ran out of memory; details.suggestion holds settings that fit",
     "CUDA_ERROR": "a fatal CUDA error; the worker is refreshed",
     "CONFIG_ERROR": "the worker's own settings (QWEN_EDIT_*, RUNPOD_STORAGE_*) are invalid; fix the endpoint",
+    "INVALID_WORKFLOW": "input.workflow has a node or value the pipeline can't run as ComfyUI would",
     "INTERNAL": "an unexpected error; the traceback is in the worker's log",
 }
 IMAGE_FIELDS = ("image_name", "image_base64", "image_url", "image_object_key")
@@ -487,3 +488,69 @@ def _is_number(value, low: float, high: float, low_open: bool = False) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return False
     return (low < value if low_open else low <= value) and value <= high
+
+
+# -- worker-comfyui's request: a workflow and named images -----------------------------------------
+
+WORKFLOW_FIELDS = ("workflow", "images", "overrides", "timeout", "storage")
+
+
+@dataclass(frozen=True)
+class WorkflowRequest:
+    """runpod-workers/worker-comfyui's request: `workflow` (API or editor format, an object or JSON
+    text), `images` [{name, image}] (base64 or a data URI; `name` is what a LoadImage node asks for),
+    plus this worker's `overrides` ({"prompt": ..., "3.seed": 42}), `timeout` and `storage`."""
+
+    workflow: dict
+    images: tuple[tuple[str, ImageSource], ...]
+    overrides: dict
+    timeout: float | None = None
+    storage: dict = field(default_factory=dict)
+
+
+def parse_workflow_request(payload: Mapping, *, max_timeout: float) -> WorkflowRequest:
+    """Check a worker-comfyui request; raises WorkerError listing every bad field. The graph itself is
+    checked by the library (qwen_edit.workflow), which names the node at fault."""
+    problems = _Problems()
+    workflow = payload.get("workflow")
+    if isinstance(workflow, str):  # worker-comfyui clients send either; never a file path here
+        try:
+            workflow = json.loads(workflow)
+        except ValueError:
+            workflow = None
+    if not isinstance(workflow, Mapping):
+        problems.add("workflow", "must be a ComfyUI workflow: a JSON object (API or editor format)")
+    images = []
+    raw = payload.get("images") or []
+    if not isinstance(raw, list):
+        problems.add("images", "must be a list of {name, image}")
+        raw = []
+    for i, item in enumerate(raw):
+        where = f"images[{i}]"
+        if not isinstance(item, Mapping) or set(item) - {"name", "image"}:
+            problems.add(where, "must be an object with exactly 'name' and 'image'")
+            continue
+        name = None
+        if isinstance(item.get("name"), str) and item["name"]:
+            name = _safe_name(item["name"], f"{where}.name", problems, "image")
+        else:
+            problems.add(f"{where}.name", "must be the file name a LoadImage node asks for")
+        if not isinstance(item.get("image"), str) or not item["image"]:
+            problems.add(f"{where}.image", "must be the image as base64 or a data URI")
+        elif name is not None:
+            images.append((name, ImageSource("base64", item["image"], f"{where}.image")))
+    overrides = payload.get("overrides") or {}
+    if not isinstance(overrides, Mapping):
+        problems.add("overrides", 'must be an object such as {"prompt": "...", "3.seed": 42}')
+    timeout = payload.get("timeout")
+    if timeout is not None and not _is_number(timeout, 0, max_timeout, low_open=True):
+        problems.add("timeout", f"must be a number of seconds in (0, {max_timeout:g}], got {timeout!r}")
+    storage = _storage(payload.get("storage"), problems)
+    for key in payload:
+        if key not in WORKFLOW_FIELDS:
+            fields = ", ".join(WORKFLOW_FIELDS)
+            problems.add(str(key), "unknown field", fix=f"with a workflow the fields are: {fields}")
+    problems.raise_if_any()
+    return WorkflowRequest(
+        dict(workflow), tuple(images), dict(overrides), None if timeout is None else float(timeout), storage
+    )

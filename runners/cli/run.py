@@ -1,0 +1,77 @@
+"""`qwen-edit run`: a ComfyUI Qwen-Image-Edit-2509 workflow (API or editor JSON) run headless.
+
+The library reads and checks the graph (`qwen_edit.workflow`) and loads what its loader nodes name
+(`QwenEditPipeline.from_workflow`); this module only turns flags into those calls and writes the
+images as ComfyUI's SaveImage names them (`<filename_prefix>_00001_.png`, never over an existing file).
+Everything checkable without the models is checked first: the graph, every `--set`, the pictures.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .edit import load_cli_settings
+from .output import EXIT_USAGE, CliError, Reporter
+
+
+def parse_image(text: str) -> tuple[str, str]:
+    """--image NAME=PATH: the file a LoadImage node's `image` name stands for."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise CliError(
+            "usage", f"--image {text!r}: use NAME=PATH (NAME as in the LoadImage node)", EXIT_USAGE
+        )
+    return name, path
+
+
+def comfy_output_paths(folder: Path, prefix: str, count: int) -> list[Path]:
+    """SaveImage's names: `<prefix>_<counter:05>_.png`, the counter past every file already there."""
+    folder = folder / Path(prefix).parent
+    stem = Path(prefix).name
+    taken = {p.name for p in folder.glob(f"{stem}_*_.png")} if folder.is_dir() else set()
+    counter, paths = 1, []
+    while len(paths) < count:
+        name = f"{stem}_{counter:05}_.png"
+        if name not in taken:
+            paths.append(folder / name)
+        counter += 1
+    return paths
+
+
+def cmd_run(args: argparse.Namespace, reporter: Reporter) -> int:
+    from qwen_edit.workflow import parse_assignment, plan_workflow
+
+    overrides = dict(parse_assignment(text) for text in args.set or [])
+    plan = plan_workflow(Path(args.workflow), overrides)
+    images = dict(parse_image(text) for text in args.image) if args.image else None
+    plan.pictures(images, args.input_dir)  # every picture opens before the models load
+    reporter.event("plan", workflow=plan.to_dict())
+    if args.dry_run:
+        reporter.say(f"workflow checked: {len(plan.images)} picture(s), models {dict(plan.models)}")
+        return reporter.succeed({"dry_run": True, "workflow": plan.to_dict()})
+
+    from qwen_edit import QwenEditPipeline
+
+    if args.demo:
+        from qwen_edit.testing.demo import demo_settings
+
+        settings = demo_settings(args.cache_dir)
+    else:
+        settings = load_cli_settings(args)
+    options = {k: getattr(args, k) for k in ("device", "backend", "compute") if getattr(args, k) is not None}
+    reporter.note("loading the models the workflow names ...")
+    pipe = QwenEditPipeline.from_workflow(plan, settings, **options)
+
+    def callback(step: int, total: int, _latent) -> None:
+        reporter.event("progress", step=step, total=total)
+
+    result = pipe.run_workflow(plan, images, input_dir=args.input_dir, callback=callback)
+    paths = comfy_output_paths(Path(args.out), plan.output.filename_prefix, len(result.images))
+    for i, path in enumerate(paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(result.png_bytes(i))
+        reporter.say(f"wrote {path}")
+    return reporter.succeed(
+        {"outputs": [str(p) for p in paths], "seed": result.seed, "timings": result.timings}
+    )
