@@ -289,22 +289,8 @@ class Worker:
             self.lock.release()
         tick = time.monotonic()
         images, warnings = outputs.deliver(result, store, job_id)
-        warnings = lora_warnings + warnings
-        timings.update(
-            {k: v for k, v in result.timings.items() if k != "total"}, edit=result.timings["total"]
-        )
         timings["save_outputs"] = time.monotonic() - tick
-        timings["total"] = time.monotonic() - started
-        output = {
-            "images": images,
-            "seed": result.seed,
-            "parameters": result.parameters,
-            "timings": {k: _round(v) for k, v in timings.items()},
-            "model": self._model_info(pipe),
-        }
-        if warnings:
-            output["warnings"] = warnings
-        return output
+        return self._response(pipe, result, images, lora_warnings + warnings, timings, started)
 
     def _run_workflow(
         self, payload: Mapping, job: Mapping, job_id: str, started: float, stop: threading.Event
@@ -362,12 +348,19 @@ class Worker:
             self.lock.release()
         images, warnings = outputs.deliver(result, store, job_id)
         names = _comfy_names(plan.output.filename_prefix, len(images))
+        images = [_comfy_image(name, entry) for name, entry in zip(names, images, strict=True)]
+        return self._response(pipe, result, images, warnings, timings, started)
+
+    def _response(
+        self, pipe: QwenEditPipeline, result, images: list, warnings: list, timings: dict, started: float
+    ) -> dict:
+        """A job's output: its images, seed, parameters, seconds per stage and the model that ran."""
         timings.update(
             {k: v for k, v in result.timings.items() if k != "total"}, edit=result.timings["total"]
         )
         timings["total"] = time.monotonic() - started
         output = {
-            "images": [_comfy_image(name, entry) for name, entry in zip(names, images, strict=True)],
+            "images": images,
             "seed": result.seed,
             "parameters": result.parameters,
             "timings": {k: _round(v) for k, v in timings.items()},
