@@ -65,6 +65,18 @@ def test_every_seed_field_is_accepted():
     assert request.timeout == 30.0 and request.model_name == "m.safetensors"
 
 
+def test_both_prompts_are_capped_before_any_work():
+    """A 10 MB negative prompt once held the worker for minutes (encoded at cfg != 1, unstoppable)."""
+    from runners.worker.schema import MAX_PROMPT
+
+    long = "x" * (MAX_PROMPT + 1)
+    assert codes({"image_name": "in.png", "prompt": "p", "negative_prompt": long, "cfg": 2.0}) == {
+        "negative_prompt": "INVALID_INPUT"
+    }
+    assert codes({"image_name": "in.png", "prompt": long}) == {"prompt": "INVALID_INPUT"}
+    assert parse(image_name="in.png", prompt="p", negative_prompt="x" * MAX_PROMPT).edit["negative_prompt"]
+
+
 def test_image_name_holds_a_name_or_base64_as_the_seed_allows():
     data = b64(encode(picture(32, 32)))
     assert len(data) > 255

@@ -353,8 +353,10 @@ def _edit(given: dict, problems: _Problems) -> dict:
         edit["seed"] = None
     if "prompt" not in edit:
         problems.add("prompt", "required")
-    elif isinstance(edit["prompt"], str) and len(edit["prompt"]) > MAX_PROMPT:
-        problems.add("prompt", f"longer than {MAX_PROMPT} characters")
+    # Both prompts: the negative one is encoded too whenever cfg != 1, and encoding can't be stopped.
+    for name in ("prompt", "negative_prompt"):
+        if isinstance(edit.get(name), str) and len(edit[name]) > MAX_PROMPT:
+            problems.add(name, f"longer than {MAX_PROMPT} characters")
     # One field at a time, so that each bad field gets its own error; width and height go with a
     # valid partner because EditParams wants both or neither.
     for name, value in edit.items():
