@@ -242,13 +242,10 @@ class Worker:
         timeout = request.timeout or self.config.default_timeout
         deadline = started + timeout
         store = outputs.request_storage(self.config.storage, job, request.storage, self.config.url_policy)
-        if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise _timeout(timeout, "while waiting for the previous job")
+        self._wait_turn(deadline, timeout)
         timings: dict = {"queue": time.monotonic() - started}
         try:
-            self._start()
-            if self._broken is not None:
-                raise self._broken
+            self._ready()
             spec = self._spec(request)
             tick = time.monotonic()
             pictures = [self._picture(source, store, deadline) for source in request.images]
@@ -320,13 +317,10 @@ class Worker:
             )
         except QwenEditError as exc:
             raise self._error(exc) from None
-        if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise _timeout(timeout, "while waiting for the previous job")
+        self._wait_turn(deadline, timeout)
         timings: dict = {"queue": time.monotonic() - started}
         try:
-            self._start()
-            if self._broken is not None:
-                raise self._broken
+            self._ready()
             pictures = {name: self._picture(source, store, deadline) for name, source in request.images}
             pipe = self._pipeline(spec, job)
             self._apply_loras(pipe, spec)
@@ -369,6 +363,17 @@ class Worker:
         if warnings:
             output["warnings"] = warnings
         return output
+
+    def _wait_turn(self, deadline: float, timeout: float) -> None:
+        """The worker's lock (one job at a time), or TIMEOUT if the deadline passes waiting for it."""
+        if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise _timeout(timeout, "while waiting for the previous job")
+
+    def _ready(self) -> None:
+        """The GPU and models started; a broken worker takes no more jobs."""
+        self._start()
+        if self._broken is not None:
+            raise self._broken
 
     def _input_dir(self) -> Path | None:
         """LoadImage names the request does not carry are read from the first input folder."""
