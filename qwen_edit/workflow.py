@@ -512,6 +512,11 @@ class OutputSpec:
     class_type: str
     filename_prefix: str = "ComfyUI"
 
+    def file_name(self, counter: int) -> str:
+        """SaveImage's name for its `counter`-th file: `<prefix>_00001_.png` (ComfyUI nodes.py
+        SaveImage.save_images), the prefix's folders left to the caller."""
+        return f"{Path(self.filename_prefix).name}_{counter:05}_.png"
+
 
 @dataclass(frozen=True)
 class WorkflowPlan:

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .edit import load_cli_settings
 from .output import EXIT_USAGE, CliError, Reporter
+
+if TYPE_CHECKING:  # the library loads when the command runs, not for --help
+    from qwen_edit.workflow import OutputSpec
 
 
 def parse_image(text: str) -> tuple[str, str]:
@@ -25,16 +29,15 @@ def parse_image(text: str) -> tuple[str, str]:
     return name, path
 
 
-def comfy_output_paths(folder: Path, prefix: str, count: int) -> list[Path]:
-    """SaveImage's names: `<prefix>_<counter:05>_.png`, the counter past every file already there."""
-    folder = folder / Path(prefix).parent
-    stem = Path(prefix).name
-    taken = {p.name for p in folder.glob(f"{stem}_*_.png")} if folder.is_dir() else set()
-    counter, paths = 1, []
+def output_paths(folder: Path, output: OutputSpec, count: int) -> list[Path]:
+    """SaveImage's files in `folder` (and the prefix's sub-folders), the counter moving past every file
+    already there, as ComfyUI's does: nothing is overwritten."""
+    folder = folder / Path(output.filename_prefix).parent
+    paths, counter = [], 1
     while len(paths) < count:
-        name = f"{stem}_{counter:05}_.png"
-        if name not in taken:
-            paths.append(folder / name)
+        path = folder / output.file_name(counter)
+        if not path.exists():
+            paths.append(path)
         counter += 1
     return paths
 
@@ -67,7 +70,7 @@ def cmd_run(args: argparse.Namespace, reporter: Reporter) -> int:
         reporter.event("progress", step=step, total=total)
 
     result = pipe.run_workflow(plan, images, input_dir=args.input_dir, callback=callback)
-    paths = comfy_output_paths(Path(args.out), plan.output.filename_prefix, len(result.images))
+    paths = output_paths(Path(args.out), plan.output, len(result.images))
     for i, path in enumerate(paths):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(result.png_bytes(i))

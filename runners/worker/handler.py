@@ -341,8 +341,7 @@ class Worker:
         finally:
             self.lock.release()
         images, warnings = outputs.deliver(result, store, job_id)
-        names = _comfy_names(plan.output.filename_prefix, len(images))
-        images = [_comfy_image(name, entry) for name, entry in zip(names, images, strict=True)]
+        images = [_comfy_image(plan.output.file_name(i + 1), entry) for i, entry in enumerate(images)]
         return self._response(pipe, result, images, warnings, timings, started)
 
     def _response(
@@ -562,11 +561,6 @@ def _timeout(timeout: float, when: str, details: dict | None = None) -> WorkerEr
         fix="raise timeout, or use fewer steps, a smaller size or batch",
         details=details,
     )
-
-
-def _comfy_names(prefix: str, count: int) -> list[str]:
-    """SaveImage's file names, as worker-comfyui reports them."""
-    return [f"{Path(prefix).name}_{i:05}_.png" for i in range(1, count + 1)]
 
 
 def _comfy_image(name: str, entry: dict) -> dict:
