@@ -17,6 +17,11 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "nunchaku", "portable")
 COMPUTES = ("auto", "bf16", "fp8")
+# The text encoder's (text_encoder.py): "upcast" first, the default, ComfyUI's numbers (fp8 weights, bf16
+# activations); "fp8" rounds the activations too (opt-in). No "auto": an fp8 card doesn't make ComfyUI's
+# numbers optional.
+TEXT_ENCODER_COMPUTES = ("upcast", "fp8")
+ATTENTIONS = ("sdpa", "fp8")  # the portable transformer's attention (attention.py)
 
 
 def choose_backend(

@@ -124,6 +124,8 @@ class QwenEditPipeline:
         device: torch.device | str | None = None,
         backend: str = "auto",
         compute: str = "auto",
+        text_encoder_compute: str = "upcast",
+        attention: str = "sdpa",
         cpu_offload: str = "auto",
         num_blocks_on_gpu: int = 1,
         use_pin_memory: bool = False,
@@ -141,6 +143,11 @@ class QwenEditPipeline:
         `compile`: torch.compile the transformer blocks (portable backend) and the text encoder's layers:
         1.7x faster fp8 steps and 2x faster text encoding on an H100, for compilation during the first edit
         (benchmarks/RESULTS.md; inductor caches it on disk, TORCHINDUCTOR_CACHE_DIR).
+        `compute`: the transformer's ("auto": fp8 on cards with fp8 tensor cores on the portable backend).
+        `text_encoder_compute`: "upcast" (ComfyUI's numbers: fp8 weights, bf16 activations) or "fp8" (opt-in:
+        activations rounded to fp8 as well; faster, the conditioning moves a few %; see `load_text_encoder`).
+        `attention`: "sdpa" (PyTorch's bf16 attention) or "fp8" (opt-in, portable backend on SM 90+ with
+        nvidia-cudnn-frontend: cuDNN's fp8 attention; faster, moves the output; see attention.py).
         `text_encoder_config`: only for encoders that are not the 7B one (the demo's tiny model).
         """
         clock = _PhaseClock()
@@ -169,9 +176,12 @@ class QwenEditPipeline:
         model = load_transformer(
             ckpt, backend=backend, compute=compute, device=device, use_pin_memory=plan.use_pin_memory,
             num_blocks_on_gpu=plan.blocks_on_gpu if plan.streams_blocks else None, compile=compile,
+            attention=attention,
         )  # fmt: skip
         clock.done("transformer")
-        encoder = load_text_encoder(text_encoder, device=staging, config=text_encoder_config)
+        encoder = load_text_encoder(
+            text_encoder, device=staging, compute=text_encoder_compute, config=text_encoder_config
+        )
         clock.done("text_encoder")
         tokens = load_tokenizer(tokenizer_path)
         clock.done("tokenizer")
@@ -332,10 +342,14 @@ class QwenEditPipeline:
             out.update(
                 backend=chosen.backend,
                 compute=chosen.compute,
+                attention=chosen.attention,
                 precision=chosen.precision,
                 rank=chosen.rank,
                 reason=chosen.reason,
             )
+        encoder = getattr(self.text_encoder, "qwen_edit_info", None)
+        if encoder is not None:
+            out["text_encoder_compute"] = encoder.compute
         files = self.files._asdict() if self.files is not None else {}
         out["files"] = {slot: None if path is None else str(path) for slot, path in files.items()}
         plan = self.offload_plan

@@ -12,8 +12,9 @@ comfy/ops.py:379-428 at Comfy-Org/ComfyUI@a125cd8):
 The network is transformers' `Qwen2_5_VLModel` (vision tower + LLM, no lm_head: the edit pipeline needs
 the final-norm hidden states, not logits). It is built on the meta device and filled tensor by tensor, so
 no random init of 8B parameters happens and fp8 weights stay fp8 (about 8.3 GB instead of 15.5 GB bf16).
-Every nn.Linear becomes a `ScaledLinear`, which multiplies with fp8 tensor cores (`compute="fp8"`) or
-casts its weight to the activation dtype layer by layer like ComfyUI (`compute="upcast"`).
+Every nn.Linear becomes a `ScaledLinear`, which casts its weight to the activation dtype layer by layer like
+ComfyUI (`compute="upcast"`, the default: ComfyUI's numbers) or, opted into, multiplies with fp8 tensor cores
+(`compute="fp8"`: activations rounded to fp8 too, which moves the conditioning; benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .backend import TEXT_ENCODER_COMPUTES
 from .errors import TextEncoderFileError
 from .fp8 import FP8, fp8_linear, quantize_weight_per_channel
 from .hardware import describe_device
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COMPUTES = ("auto", "fp8", "upcast")
+COMPUTES = TEXT_ENCODER_COMPUTES
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
 # Qwen2.5-VL-7B-Instruct as Qwen/Qwen-Image-Edit-2509 ships it in text_encoder/config.json
 # (huggingface.co/Qwen/Qwen-Image-Edit-2509 @983d8d2); ComfyUI hard-codes the same values
@@ -458,16 +460,18 @@ def load_text_encoder(
     path: str | Path,
     *,
     device: torch.device | str | None = None,
-    compute: str = "auto",
+    compute: str = "upcast",
     dtype: torch.dtype = torch.bfloat16,
     config: dict | str | Path | None = None,
 ) -> nn.Module:
     """Load the Qwen2.5-VL text encoder from a ComfyUI single file or a diffusers `text_encoder/` folder.
 
-    compute: "fp8" multiplies fp8 weights with fp8 tensor cores (emulated where there are none), "upcast"
-    casts each weight to `dtype` when its layer runs (ComfyUI's way), "auto" is fp8 on GPUs with fp8
-    tensor cores (SM >= 8.9) and upcast elsewhere. fp8 files stay fp8 in memory either way; with
-    compute="fp8" a bf16 file is quantized to fp8 (per output channel) at load.
+    compute: "upcast" (default) casts each weight to `dtype` when its layer runs: ComfyUI's way and its
+    numbers (ComfyUI multiplies in fp8 only with its `--fast` option). "fp8" (opt-in) multiplies fp8
+    weights with fp8 tensor cores (SM >= 8.9; emulated elsewhere) and rounds the activations to fp8 too:
+    faster, but the conditioning moves several % from ComfyUI's (benchmarks/RESULTS.md, issue 14). fp8
+    files stay fp8 in memory either way; with compute="fp8" a bf16 file is quantized to fp8 (per output
+    channel) at load.
     dtype: activation dtype; ComfyUI computes in torch.float32, bf16 is faster and half the activations.
     config: only for non-7B test models; defaults to the folder's config.json or the packaged 7B config.
     Returns transformers' Qwen2_5_VLModel (run it with `encode_tokens`), with `.qwen_edit_info` attached.
@@ -476,9 +480,7 @@ def load_text_encoder(
     _check_options(compute, dtype)
     source = _open_source(path)
     info = describe_device(device)
-    if compute == "auto":
-        compute = "fp8" if info.has_fp8_tensor_cores else "upcast"
-    elif compute == "fp8" and not info.has_fp8_tensor_cores:
+    if compute == "fp8" and not info.has_fp8_tensor_cores:
         log.warning(
             "compute='fp8' on %s (%s): no fp8 tensor cores, so fp8 matmuls are emulated (slow)",
             info.name,

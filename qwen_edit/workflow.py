@@ -1600,6 +1600,8 @@ def model_source(models) -> tuple[ModelFolders, dict]:
         "device": None if settings.device == "auto" else settings.device,
         "backend": settings.backend,
         "compute": settings.compute,
+        "text_encoder_compute": settings.text_encoder_compute,
+        "attention": settings.attention,
         "compile": settings.compile,
     }
     tokenizer = settings.models.get("tokenizer")
