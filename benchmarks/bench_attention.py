@@ -2,9 +2,9 @@
 
 Part 1, the attention of one block at the edit's size (1024x1024 output + one 1024x1024 reference: 8192
 image tokens, plus text; 24 heads of 128): time of PyTorch's SDPA (bf16, cuDNN on Hopper), of the fp8
-kernel alone, and of `attention.fp8_attention` with its quantization, eager and compiled; the error of
+kernel alone, and of `fp8_attention.fp8_attention` with its quantization, eager and compiled; the error of
 each against float32 attention for q/k at three sharpnesses (softmax logits' spread 1, 4, 8), and of
-cuDNN against `attention.fp8_sdpa_reference` (the same arithmetic in float32: checks the scales' meaning).
+cuDNN against `fp8_attention.fp8_sdpa_reference` (the same arithmetic in float32: checks the scales' meaning).
 
 Part 2, one compiled step of the full-size portable transformer (`comfy_forward`, fp8 linears) with
 attention="sdpa" and "fp8": step time, and the output's relative L2 against the eager bf16-linear model
@@ -20,13 +20,20 @@ import json
 import time
 from pathlib import Path
 
+import fp8_attention as attention
 import torch
 from bench_offload import cuda_ms
 from bench_pipeline import full_size_files
 
-from qwen_edit import attention
-from qwen_edit.model import comfy_forward, use_attention
+from qwen_edit.model import comfy_forward
 from qwen_edit.transformer import load_transformer
+
+
+def use_attention(model, kind: str) -> None:
+    """Every block's joint attention through PyTorch's SDPA ("sdpa") or cuDNN's fp8 kernel ("fp8")."""
+    attend = attention.sdpa if kind == "sdpa" else attention.fp8_attention
+    for block in model.transformer_blocks:
+        block.attn.processor.attend = lambda q, k, v, mask, f=attend: f(q, k, v)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -21,7 +21,6 @@ COMPUTES = ("auto", "bf16", "fp8")
 # activations); "fp8" rounds the activations too (opt-in). No "auto": an fp8 card doesn't make ComfyUI's
 # numbers optional.
 TEXT_ENCODER_COMPUTES = ("upcast", "fp8")
-ATTENTIONS = ("sdpa", "fp8")  # the portable transformer's attention (attention.py)
 
 
 def choose_backend(

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import attention, fp8, kernels
-from .errors import ParameterError
+from . import fp8, kernels
 
 UNFUSED_PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 
@@ -83,28 +82,13 @@ class FusedQKVAttnProcessor:
         txt_out = attn.to_add_out(out[:, :seq_txt].contiguous())
         return img_out, txt_out
 
-    attend = staticmethod(attention.sdpa)  # use_attention swaps it per processor
-
-
-def check_attention(kind: str, backend: str, device: torch.device) -> None:
-    """Raise ParameterError (field `attention`) where `kind` can't run, saying what to use instead."""
-    if kind not in attention.ATTENTIONS:
-        choices = ", ".join(attention.ATTENTIONS)
-        raise ParameterError("attention", f"{kind!r} is not supported; choose one of: {choices}")
-    if kind == "fp8" and backend != "portable":
-        raise ParameterError(
-            "attention", f"attention='fp8' is for the portable backend, not {backend}; use 'sdpa'"
-        )
-    problem = attention.fp8_problem(device) if kind == "fp8" else None
-    if problem:
-        raise ParameterError("attention", problem)
-
-
-def use_attention(model: nn.Module, kind: str) -> None:
-    """Run every block's joint attention with `kind` ("sdpa" or "fp8", see attention.py); portable
-    backend's model (`check_attention` first)."""
-    for block in model.transformer_blocks:
-        block.attn.processor.attend = attention.ATTENTION_FUNCTIONS[kind]
+    @staticmethod
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention over [B, L, H, D] inputs -> [B, L, H*D]; SDPA on [B, H, L, D] views (copying them
+        to that layout first gained nothing on an H100: benchmarks/RESULTS.md)."""
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out.transpose(1, 2).flatten(2).to(q.dtype)
 
 
 def _fused_fp8_mlp(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:

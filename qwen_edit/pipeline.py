@@ -125,7 +125,6 @@ class QwenEditPipeline:
         backend: str = "auto",
         compute: str = "auto",
         text_encoder_compute: str = "upcast",
-        attention: str = "sdpa",
         cpu_offload: str = "auto",
         num_blocks_on_gpu: int = 1,
         use_pin_memory: bool = False,
@@ -146,8 +145,6 @@ class QwenEditPipeline:
         `compute`: the transformer's ("auto": fp8 on cards with fp8 tensor cores on the portable backend).
         `text_encoder_compute`: "upcast" (ComfyUI's numbers: fp8 weights, bf16 activations) or "fp8" (opt-in:
         activations rounded to fp8 as well; faster, the conditioning moves a few %; see `load_text_encoder`).
-        `attention`: "sdpa" (PyTorch's bf16 attention) or "fp8" (opt-in, portable backend on SM 90+ with
-        nvidia-cudnn-frontend: cuDNN's fp8 attention; faster, moves the output; see attention.py).
         `text_encoder_config`: only for encoders that are not the 7B one (the demo's tiny model).
         """
         clock = _PhaseClock()
@@ -176,7 +173,6 @@ class QwenEditPipeline:
         model = load_transformer(
             ckpt, backend=backend, compute=compute, device=device, use_pin_memory=plan.use_pin_memory,
             num_blocks_on_gpu=plan.blocks_on_gpu if plan.streams_blocks else None, compile=compile,
-            attention=attention,
         )  # fmt: skip
         clock.done("transformer")
         encoder = load_text_encoder(
@@ -342,7 +338,6 @@ class QwenEditPipeline:
             out.update(
                 backend=chosen.backend,
                 compute=chosen.compute,
-                attention=chosen.attention,
                 precision=chosen.precision,
                 rank=chosen.rank,
                 reason=chosen.reason,

@@ -20,7 +20,6 @@ A settings file is YAML (or the same as a dict):
     backend: auto             # auto, nunchaku, portable
     compute: auto             # the transformer's: auto, bf16, fp8
     text_encoder_compute: upcast  # upcast (ComfyUI's numbers), fp8 (faster, opt-in; moves the conditioning)
-    attention: sdpa           # sdpa, fp8 (cuDNN's fp8 attention: Hopper+, portable backend; opt-in)
     cpu_offload: auto         # auto, enable, disable (ComfyUI-nunchaku's loader settings)
     num_blocks_on_gpu: 1      # with enable: transformer blocks kept on the GPU
     use_pin_memory: false     # pinned host memory for streamed blocks
@@ -49,7 +48,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from .backend import ATTENTIONS, BACKENDS, COMPUTES, TEXT_ENCODER_COMPUTES
+from .backend import BACKENDS, COMPUTES, TEXT_ENCODER_COMPUTES
 from .errors import ModelNotFoundError, ParameterError, SettingsError, SettingsNotFoundError
 from .hardware import describe_device, nunchaku_precision_error
 from .offload import CPU_OFFLOAD_MODES
@@ -65,8 +64,8 @@ DEFAULT_MODELS = {
 }
 AUTO_TRANSFORMERS = {"auto": 4, "auto-4steps": 4, "auto-8steps": 8}  # the Lightning file for this card
 TOP_LEVEL_KEYS = {
-    "model_paths", "models", "device", "backend", "compute", "text_encoder_compute", "attention",
-    "generation", "cpu_offload", "num_blocks_on_gpu", "use_pin_memory", "compile",
+    "model_paths", "models", "device", "backend", "compute", "text_encoder_compute", "generation",
+    "cpu_offload", "num_blocks_on_gpu", "use_pin_memory", "compile",
 }  # fmt: skip
 # Model slot -> the model-folder kind its names are looked up in.
 SLOT_KINDS = {
@@ -85,7 +84,6 @@ class Settings:
     backend: str = "auto"
     compute: str = "auto"
     text_encoder_compute: str = "upcast"
-    attention: str = "sdpa"
     cpu_offload: str = "auto"
     num_blocks_on_gpu: int = 1
     use_pin_memory: bool = False
@@ -225,7 +223,6 @@ class PipelineSpec:
     backend: str = "auto"
     compute: str = "auto"
     text_encoder_compute: str = "upcast"
-    attention: str = "sdpa"
     cpu_offload: str = "auto"
     num_blocks_on_gpu: int = 1
     use_pin_memory: bool = False
@@ -250,7 +247,6 @@ class PipelineSpec:
             "backend": self.backend,
             "compute": self.compute,
             "text_encoder_compute": self.text_encoder_compute,
-            "attention": self.attention,
             "cpu_offload": self.cpu_offload,
             "num_blocks_on_gpu": self.num_blocks_on_gpu,
             "use_pin_memory": self.use_pin_memory,
@@ -277,7 +273,6 @@ def resolve_spec(
     backend: str | None = None,
     compute: str | None = None,
     text_encoder_compute: str | None = None,
-    attention: str | None = None,
     cpu_offload: str | None = None,
     num_blocks_on_gpu: int | None = None,
     use_pin_memory: bool | None = None,
@@ -305,7 +300,6 @@ def resolve_spec(
         "text_encoder_compute": _choice(
             "text_encoder_compute", pick("text_encoder_compute", text_encoder_compute), TEXT_ENCODER_COMPUTES
         ),
-        "attention": _choice("attention", pick("attention", attention), ATTENTIONS),
         "cpu_offload": _choice("cpu_offload", pick("cpu_offload", cpu_offload), CPU_OFFLOAD_MODES),
         "num_blocks_on_gpu": _blocks("num_blocks_on_gpu", pick("num_blocks_on_gpu", num_blocks_on_gpu)),
         "use_pin_memory": _flag("use_pin_memory", pick("use_pin_memory", use_pin_memory)),
@@ -451,7 +445,6 @@ def load_settings(config: str | Path | Mapping | list) -> Settings:
             text_encoder_compute=_choice(
                 "text_encoder_compute", config.get("text_encoder_compute", "upcast"), TEXT_ENCODER_COMPUTES
             ),
-            attention=_choice("attention", config.get("attention", "sdpa"), ATTENTIONS),
             cpu_offload=_choice("cpu_offload", config.get("cpu_offload", "auto"), CPU_OFFLOAD_MODES),
             num_blocks_on_gpu=_blocks("num_blocks_on_gpu", config.get("num_blocks_on_gpu", 1)),
             use_pin_memory=_flag("use_pin_memory", config.get("use_pin_memory", False)),

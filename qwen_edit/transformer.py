@@ -22,7 +22,7 @@ from .backend import NunchakuUnavailableError as NunchakuUnavailableError  # rai
 from .backend import choose_backend, choose_compute
 from .hardware import describe_device
 from .header import few
-from .model import build_model, check_attention, use_attention, use_fused_fp8_mlp
+from .model import build_model, use_fused_fp8_mlp
 from .offload import set_block_offload
 from .svdq.checkpoint import (
     CheckpointError,
@@ -53,7 +53,6 @@ class TransformerInfo:
     device: str
     reason: str
     load_seconds: float
-    attention: str = "sdpa"
 
 
 def load_transformer(
@@ -66,7 +65,6 @@ def load_transformer(
     num_blocks_on_gpu: int | None = None,
     use_pin_memory: bool = False,
     compile: bool = False,
-    attention: str = "sdpa",
 ) -> nn.Module:
     """Load a Nunchaku SVDQ Qwen-Image(-Edit) transformer file.
 
@@ -77,8 +75,6 @@ def load_transformer(
     on from CPU memory (pinned with `use_pin_memory`), see offload.py. They never occupy the GPU whole.
     compile: torch.compile each block (portable backend): 1.27x (bf16) and 1.92x (fp8) faster steps on
     an H100, for 14-21 s of compilation at the first step (benchmarks/RESULTS.md).
-    attention (portable backend): "sdpa" (PyTorch's bf16 attention) or "fp8" (cuDNN's fp8 attention, SM 90
-    and newer with nvidia-cudnn-frontend installed; opt-in: it moves the output, see attention.py).
     path: the file, or its `read_checkpoint` description when the caller has read the header already
     (the pipeline plans memory from it first). The description stays on the model as
     `model.qwen_edit_checkpoint`, where offload planning and block streaming find it later.
@@ -87,7 +83,6 @@ def load_transformer(
     ckpt = path if isinstance(path, SVDQCheckpoint) else read_checkpoint(path)
     info = describe_device(device)
     chosen, reason = choose_backend(backend, info, ckpt.precision, nunchaku_backend.status())
-    check_attention(attention, chosen, info.device)  # before anything loads
     streamed_from = ckpt.num_layers if num_blocks_on_gpu is None else num_blocks_on_gpu
     if chosen == "nunchaku":
         if dtype != torch.bfloat16:
@@ -97,10 +92,9 @@ def load_transformer(
     else:
         mode = choose_compute(compute, info)
         model = _load_portable(ckpt, info.device, mode, dtype, streamed_from)
-        use_attention(model, attention)  # before streaming copies any block
     seconds = time.perf_counter() - start
     model.qwen_edit_info = TransformerInfo(
-        str(ckpt.path), chosen, mode, ckpt.precision, ckpt.rank, str(info.device), reason, seconds, attention
+        str(ckpt.path), chosen, mode, ckpt.precision, ckpt.rank, str(info.device), reason, seconds
     )
     model.qwen_edit_checkpoint = ckpt
     if streamed_from < ckpt.num_layers:

@@ -1601,7 +1601,6 @@ def model_source(models) -> tuple[ModelFolders, dict]:
         "backend": settings.backend,
         "compute": settings.compute,
         "text_encoder_compute": settings.text_encoder_compute,
-        "attention": settings.attention,
         "compile": settings.compile,
     }
     tokenizer = settings.models.get("tokenizer")

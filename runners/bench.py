@@ -102,10 +102,7 @@ def bench_config(name: str, build, *, image: Image.Image, prompt: str, edit_kwar
             "total": _median_ms(r["total"] for r in runs),
         },
         "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
-        **{
-            key: info.get(key)
-            for key in ("backend", "compute", "attention", "text_encoder_compute", "offload")
-        },
+        **{key: info.get(key) for key in ("backend", "compute", "text_encoder_compute", "offload")},
     }
     stages = sum(row["median_ms"][k] for k in STAGES)
     row["overhead_pct"] = round(100 * (row["median_ms"]["total"] - stages) / max(stages, 1e-9), 1)
@@ -164,9 +161,6 @@ def run(argv: list[str] | None = None) -> dict:
         default=["upcast"],
         help="one configuration per value: upcast, fp8",
     )
-    parser.add_argument(
-        "--attention", nargs="+", default=["sdpa"], help="one configuration per value: sdpa, fp8"
-    )
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--size", type=int, default=1024, help="input and output side in pixels")
     parser.add_argument("--steps", type=int, default=4)
@@ -192,17 +186,15 @@ def run(argv: list[str] | None = None) -> dict:
     )
     edit_kwargs = {"seed": 0, "steps": args.steps, "width": args.size, "height": args.size}
     rows = []
-    configs = [(b, c, t, a) for b in args.backend for c in args.compute
-               for t in args.text_encoder_compute for a in args.attention]  # fmt: skip
-    for backend, compute, encoder_compute, attention in configs:
+    configs = [(b, c, t) for b in args.backend for c in args.compute for t in args.text_encoder_compute]
+    for backend, compute, encoder_compute in configs:
         spec = resolve_spec(
             settings, device=str(device), compute=compute, compile=args.compile,
-            text_encoder_compute=encoder_compute, attention=attention,
+            text_encoder_compute=encoder_compute,
             backend=None if args.demo else backend,  # the demo runs the portable backend
         )  # fmt: skip
         name = f"{spec.backend}/{compute}"  # then only what differs from the defaults
         name += "/encoder-fp8" if encoder_compute == "fp8" else ""
-        name += "/attention-fp8" if attention == "fp8" else ""
         rows.append(bench_config(
             name + ("/compiled" if args.compile else ""), lambda s=spec: QwenEditPipeline.from_spec(s),
             image=image, prompt=args.prompt, edit_kwargs=edit_kwargs, warmup=args.warmup,

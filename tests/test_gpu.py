@@ -82,11 +82,14 @@ def test_fp8_text_encoder_on_gpu_matches_cpu(tmp_path):
     config = write_comfy_text_encoder(path)
     ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
     cpu = load_text_encoder(path, device="cpu", compute="upcast", dtype=torch.float32, config=config)
-    gpu = load_text_encoder(path, device="cuda", compute="auto", config=config)
     y_cpu = encode_tokens(cpu, ids)
-    y_gpu = encode_tokens(gpu, ids.cuda()).float().cpu()
-    error = ((y_gpu - y_cpu).norm() / y_cpu.norm()).item()
-    assert error < 0.1, (gpu.qwen_edit_info.compute, error)
+    # The default (upcast: ComfyUI's bf16 activations) within bf16 rounding; fp8 activations (opt-in,
+    # fp8 tensor cores on SM >= 8.9) within what e4m3 rounding allows (~5-8% measured on the CPU).
+    for compute, bound in (("upcast", 0.03), ("fp8", 0.1)):
+        gpu = load_text_encoder(path, device="cuda", compute=compute, config=config)
+        y_gpu = encode_tokens(gpu, ids.cuda()).float().cpu()
+        error = ((y_gpu - y_cpu).norm() / y_cpu.norm()).item()
+        assert error < bound, (compute, error)
 
 
 def _pictures() -> list:
@@ -115,7 +118,7 @@ EDIT = dict(prompt="p", negative_prompt="n", seed=4, width=64, height=64, cfg=2.
 
 
 def test_demo_pipeline_on_gpu_is_deterministic_and_matches_the_cpu(tmp_path):
-    """The default GPU configuration (fp8 text encoder where the card has fp8, bf16 DiT and VAE) against
+    """The default GPU configuration (upcast text encoder, bf16 DiT and VAE) against
     the CPU pipeline on the same files. Their precisions differ (the CPU encoder upcasts to bf16), so the
     bound is what rounding allows: on the CPU, fp8 vs bf16 encoder activations and an fp32 vs bf16 DiT
     each move the steps' x0 by about 0.8% (relative L2), so 5% for both plus the kernels' own rounding.

@@ -118,6 +118,7 @@ def test_auto_transformer_falls_back_to_rank_32_and_says_what_it_looked_for(mode
         ({"loras": [("style.safetensors", "strong")]}, ParameterError, "loras[0].strength"),
         ({"backend": "tensorrt"}, ParameterError, "backend"),
         ({"compute": "fp4"}, ParameterError, "compute"),
+        ({"text_encoder_compute": "auto"}, ParameterError, "text_encoder_compute"),
         ({"cpu_offload": "sometimes"}, ParameterError, "cpu_offload"),
         ({"num_blocks_on_gpu": -1}, ParameterError, "num_blocks_on_gpu"),
         ({"use_pin_memory": "yes"}, ParameterError, "use_pin_memory"),
@@ -161,6 +162,7 @@ def test_each_settings_name_error_names_its_key(models, top, error, field, kind)
     [
         ({"backend": "tensorrt"}, "backend"),
         ({"compute": "int8"}, "compute"),
+        ({"text_encoder_compute": "bf16"}, "text_encoder_compute"),
         ({"num_blocks_on_gpu": "two"}, "num_blocks_on_gpu"),
         ({"use_pin_memory": "yes"}, "use_pin_memory"),
         ({"models": {"loras": [5]}}, "models.loras[0]"),
@@ -248,6 +250,7 @@ def test_the_demo_as_settings_and_a_pipeline_built_from_the_spec(tmp_path):
         {"name": "style.safetensors", "strength": 0.5, "layers": 1, "unmatched": ["no_such_layer"]}
     ]
     assert set(info["load_seconds"]) >= {"transformer", "text_encoder", "vae", "loras", "total"}
+    assert info["text_encoder_compute"] == "upcast"  # ComfyUI's numbers unless fp8 is asked for
     # Results name LoRAs as the caller did: never the file's path.
     result = pipe.edit([_picture()], "p", width=32, height=32, steps=1)
     assert result.parameters["loras"] == [("style.safetensors", 0.5)]

@@ -401,10 +401,36 @@ def test_other_model_size(files):
     assert "tensors have the wrong shape" in str(err.value)
 
 
+def test_comfyuis_numbers_are_the_default_on_an_fp8_card(files, inputs, monkeypatch):
+    """ComfyUI multiplies the fp8 encoder's weights upcast to the activation dtype (fp8 matmuls only with
+    its --fast option), so an fp8-capable card keeps "upcast" unless "fp8" is asked for: on this tiny
+    real-format file fp8 activations move the states ~5.6% from the reference, upcast bf16 ~1.1%
+    (test_fp8_file_matches_transformers_on_dequantized_weights)."""
+    from qwen_edit.hardware import DeviceInfo
+
+    hopper = DeviceInfo(torch.device("cpu"), "NVIDIA H200 (faked)", (9, 0), 141 << 30)
+    monkeypatch.setattr(te, "describe_device", lambda device=None: hopper)
+    paths, config = files
+    ids, images, spans = inputs
+    default = te.load_text_encoder(paths["fp8"], config=config)
+    opted = te.load_text_encoder(paths["fp8"], config=config, compute="fp8")
+    assert default.qwen_edit_info.compute == "upcast" and opted.qwen_edit_info.compute == "fp8"
+    assert not default.language_model.layers[0].mlp.up_proj.fp8_matmul
+    assert opted.language_model.layers[0].mlp.up_proj.fp8_matmul
+    reference = reference_states(dequantized_reference(paths["fp8"], config), inputs)
+    moved = {
+        name: rel_error(te.encode_tokens(model, ids, images=images, image_spans=spans).float(), reference)
+        for name, model in (("upcast", default), ("fp8", opted))
+    }
+    assert moved["upcast"] < 0.03 < moved["fp8"] < 0.1, moved
+
+
 def test_bad_options(files):
     paths, config = files
     with pytest.raises(ValueError, match="compute must be one of"):
         te.load_text_encoder(paths["fp8"], config=config, compute="int8")
+    with pytest.raises(ValueError, match="compute must be one of"):  # no "auto": upcast is the default
+        te.load_text_encoder(paths["fp8"], config=config, compute="auto")
     with pytest.raises(ValueError, match="activations overflow float16"):
         te.load_text_encoder(paths["fp8"], config=config, dtype=torch.float16)
     with pytest.raises(ValueError, match="2 images but 1 image spans"):
