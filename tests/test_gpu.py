@@ -183,7 +183,7 @@ def test_float32_demo_pipeline_on_gpu_equals_the_cpu_to_rounding(tmp_path, no_tf
 
 
 def test_compiled_demo_pipeline_matches_eager_and_takes_new_prompt_lengths(tmp_path):
-    """compile=True (transformer blocks, text encoder; dynamic shapes) gives the eager pipeline's
+    """compile=True (transformer blocks, text encoder: dynamic shapes; VAE: static) gives the eager pipeline's
     images up to kernel rounding, and a prompt of another length runs without recompiling the blocks."""
     import numpy as np
     from PIL import Image
@@ -202,6 +202,8 @@ def test_compiled_demo_pipeline_matches_eager_and_takes_new_prompt_lengths(tmp_p
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled.edit([image], "a third prompt of yet another length entirely", seed=3, width=64, height=64)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # no new graph for a new length
+    # The VAE: compiled (static shapes) from a shape's second use, in the edits above.
+    assert compiled.vae.encoder.forward.compiled and compiled.vae.decoder.forward.compiled
 
 
 def test_fused_gelu_quantize_kernel_matches_the_unfused_ops():

@@ -19,9 +19,11 @@ from qwen_edit.testing.vae import write_comfy_vae
 from qwen_edit.vae import (
     AUTO_TILE_PIXELS,
     CONFIG_PATH,
+    CompileRepeatedShapes,
     VAEFormatError,
     build_vae,
     comfy_key_map,
+    compile_vae,
     crop_to_multiple,
     decode_latents,
     denormalize_latents,
@@ -430,3 +432,44 @@ def test_other_project_files_are_recognised_as_not_a_vae(shared_dir):
         keys = json.loads((manifests / name).read_text())["tensors"]
         with pytest.raises(VAEFormatError, match=hint):
             detect_layout(keys, name)
+
+
+# ------------------------------------------------------------------------------------------- compile
+
+
+def test_a_shape_is_compiled_from_its_second_use_and_the_compiled_set_is_bounded():
+    compiled_for = []
+
+    def recording_compile(fn):
+        compiled_for.append(len(calls))
+        return lambda x: ("compiled", fn(x)[1])
+
+    calls = []
+    policy = CompileRepeatedShapes(
+        lambda x: ("eager", calls.append(x.shape) or x.shape), 2, recording_compile
+    )
+    runs = [policy(torch.zeros(n))[0] for n in (1, 2, 1, 1, 3, 2, 4, 4, 3)]
+    # size 1: eager, then compiled; size 3 first seen: eager; 2 again: compiled (the set is now full);
+    # 4 and 3 come back but the bound of 2 keeps them eager.
+    assert runs == ["eager", "eager", "compiled", "compiled", "eager", "compiled", "eager", "eager", "eager"]
+    assert len(compiled_for) == 2 and len(policy.compiled) == 2 and not policy.seen  # counting stopped
+
+
+def test_compile_vae_gives_eager_numbers_with_channels_last_weights(tiny_files):
+    """compile_vae's own changes (weights' layout, the per-shape wrapper) with a stand-in compiler that
+    runs the function as it is: the numbers are eager's exactly; the real torch.compile runs in
+    tests/test_gpu.py::test_compiled_demo_pipeline_matches_eager_and_takes_new_prompt_lengths."""
+    eager_vae = load_vae(tiny_files["comfy"], dtype=torch.float32)
+    vae = load_vae(tiny_files["comfy"], dtype=torch.float32)
+    compiles = []
+    compile_vae(vae, compile=lambda fn: compiles.append(fn) or fn)
+    conv = vae.encoder.conv_in.weight
+    assert conv.dim() == 5 and conv.is_contiguous(memory_format=torch.channels_last_3d)
+    pixels = as_pixels(photo())
+    for _ in range(3):
+        latents = encode_images(vae, pixels)
+        torch.testing.assert_close(latents, encode_images(eager_vae, pixels), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            decode_latents(vae, latents), decode_latents(eager_vae, latents), rtol=1e-5, atol=1e-5
+        )
+    assert len(compiles) == 2  # encoder and decoder, each once: at their input shape's second use
