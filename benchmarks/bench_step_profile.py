@@ -20,24 +20,10 @@ from pathlib import Path
 import torch
 from bench_offload import cuda_ms
 from bench_pipeline import full_size_files
+from profile_edit import kernel_kind
 
 from qwen_edit.model import comfy_forward
 from qwen_edit.transformer import load_transformer
-
-KINDS = (  # first match wins; lower-case substrings of CUDA kernel names
-    ("attention", ("fmha", "flash", "cudnn", "sdpa", "attention")),
-    ("fp8 GEMM", ("gemm", "xmma", "cutlass", "sm90", "nvjet", "triton_tem")),
-    ("fused elementwise (Triton)", ("triton",)),
-    ("copies", ("copy", "memcpy", "memset", "cat")),
-)
-
-
-def kind_of(name: str) -> str:
-    lower = name.lower()
-    for kind, needles in KINDS:
-        if any(n in lower for n in needles):
-            return kind
-    return "other"
 
 
 def profile_ms(step) -> dict:
@@ -50,7 +36,7 @@ def profile_ms(step) -> dict:
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             ms = event.device_time / 1000
-            by_kind[kind_of(event.name)] += ms
+            by_kind[kernel_kind(event.name)] += ms
             top[event.name[:90]] += ms
     return {
         "by_kind_ms": {k: round(v, 1) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},

@@ -102,10 +102,10 @@ def fp8_sdpa_reference(
     descale_k: torch.Tensor,
     descale_v: torch.Tensor,
 ) -> torch.Tensor:
-    """The kernel's arithmetic in plain float32 (any device; the op's CPU kernel, so the fp8 path runs in
-    CI and the GPU test measures cuDNN against it): dequantized q, k, v; softmax; probabilities rounded
-    to e4m3 times 448; the output rounded to e4m3 in v's scale. cuDNN rounds the running (not yet
-    normalized) probabilities of its flash loop, so the two agree to rounding, not bit for bit."""
+    """The kernel's arithmetic in plain float32 (any device; the op's CPU kernel; bench_attention.py
+    measures cuDNN against it, which checks the scales' meaning): dequantized q, k, v; softmax;
+    probabilities rounded to e4m3 times 448; the output rounded to e4m3 in v's scale. cuDNN rounds the
+    running (not yet normalized) probabilities of its flash loop, so the two agree to rounding only."""
     q, k, v = (t.float() * d.reshape(()) for t, d in ((q8, descale_q), (k8, descale_k), (v8, descale_v)))
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
     probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
