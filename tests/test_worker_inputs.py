@@ -67,7 +67,7 @@ def test_every_seed_field_is_accepted():
 
 def test_both_prompts_are_capped_before_any_work():
     """A 10 MB negative prompt once held the worker for minutes (encoded at cfg != 1, unstoppable)."""
-    from runners.worker.schema import MAX_PROMPT
+    from qwen_edit.params import MAX_PROMPT
 
     long = "x" * (MAX_PROMPT + 1)
     assert codes({"image_name": "in.png", "prompt": "p", "negative_prompt": long, "cfg": 2.0}) == {
