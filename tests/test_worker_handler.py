@@ -210,7 +210,8 @@ def test_a_request_naming_other_model_files_reloads_and_switches_back(client, wo
     runsync(client, valid_input())
     assert worker.loaded == before
     error = error_of(runsync(client, valid_input(model_name="nope.safetensors")))
-    assert error["code"] == "MODEL_NOT_FOUND" and "svdq-int4_r16-demo.safetensors" in error["message"]
+    assert error["code"] == "MODEL_NOT_FOUND" and "'nope.safetensors'" in error["message"]
+    assert "svdq-int4_r16-demo.safetensors" not in error["message"]  # no listing of the model folders
 
 
 # -- the deadline and cancellation --------------------------------------------------------------------
