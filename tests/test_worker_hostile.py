@@ -20,6 +20,7 @@ from test_worker_support import (
     LoopbackHTTP,
     StalledServer,
     api_client,
+    b64,
     decode_png,
     demo_worker,
     encode,
@@ -312,3 +313,40 @@ def test_the_first_failure_stops_the_wait_for_the_rest():
     assert isinstance(outcomes[0].error, OSError) and isinstance(outcomes[1].error, deadline.DeadlinePassed)
     assert outcomes[1].error.__cause__ is outcomes[0].error
     assert [o.value for o in deadline.calls_by(time.monotonic() + 60, [lambda: 1, lambda: 2])] == [1, 2]
+
+
+# -- worker-comfyui's request shape ------------------------------------------------------------------
+
+
+def test_workflow_requests_are_bounded_and_name_loader_nodes(client):
+    from test_workflow import seed_api
+    from test_workflow import write_lora as write_workflow_lora
+
+    from qwen_edit.testing.demo import demo_settings
+
+    write_workflow_lora(demo_settings(DEMO_CACHE).folders.folders["loras"][0] / "a.safetensors", 1)
+
+    def workflow(changes: dict | None = None, **extra) -> dict:
+        graph = seed_api(1)
+        for node, inputs in (changes or {}).items():
+            graph[node]["inputs"].update(inputs)
+        image = [{"name": "pic1.png", "image": b64(encode(picture(72, 56, seed=1)))}]
+        return {"workflow": graph, "images": image, **extra}
+
+    start = time.monotonic()
+    body = runsync(client, workflow(overrides={"negative_prompt": "x" * 10_000_000}))
+    assert_client_fault(body, "INVALID_INPUT", "negative_prompt")
+    assert time.monotonic() - start < 10
+    nested = "[" * 100_000 + "]" * 100_000  # the workflow as JSON text, as worker-comfyui clients send it
+    assert_client_fault(runsync(client, {"workflow": nested}), "INVALID_INPUT", "workflow")
+    body = runsync(client, workflow({"6": {"vae_name": _transformer_file()}}))
+    error = assert_client_fault(body, "MODEL_LOAD_FAILED", "workflow.6.vae_name")
+    assert _transformer_file() in error["message"]
+    body = runsync(client, workflow({"1": {"model_name": "missing.safetensors"}}))
+    assert_client_fault(body, "MODEL_NOT_FOUND", "workflow.1.model_name")
+    missing_image = {"workflow": seed_api(1), "images": []}  # pic1.png is in no input folder
+    wrong_vae = workflow({"6": {"vae_name": _transformer_file()}})
+    for body in (runsync(client, wrong_vae), runsync(client, missing_image)):
+        for path in SERVER_PATHS:
+            assert path not in json.dumps(body), path
+    assert runsync(client, workflow())["status"] == "COMPLETED"

@@ -86,6 +86,11 @@ KIND_ERRORS = {
 LOAD_FAILED = KIND_ERRORS["model_format"]
 # The library's model slots -> the request fields that name them.
 SLOT_FIELDS = {"transformer": "model_name", "text_encoder": "clip_name", "vae": "vae_name"}
+# A field (or slot, or loader input) that names a model file -> the kind of folder it is looked for in.
+FIELD_KINDS = {"model_name": "diffusion_models", "transformer": "diffusion_models",
+               "unet_name": "diffusion_models", "clip_name": "text_encoders", "text_encoder": "text_encoders",
+               "vae_name": "vae", "vae": "vae", "lora_name": "loras", "loras": "loras",
+               "tokenizer": "tokenizers"}  # fmt: skip
 # The model folders' kinds, as messages name them.
 FOLDER_LABELS = {"diffusion_models": "model folder", "text_encoders": "text encoder folder",
                  "vae": "VAE folder", "loras": "LoRA folder", "tokenizers": "tokenizer folder"}  # fmt: skip
@@ -177,6 +182,7 @@ class Worker:
         self.offload: tuple | None = None  # (cpu_offload, num_blocks_on_gpu, use_pin_memory) applied
         self.lock = threading.Lock()  # one edit at a time (the local API server may run jobs concurrently)
         self._started = False
+        self._start_lock = threading.Lock()
         self._broken: WorkerError | None = None  # set for good: bad settings, no GPU, a fatal CUDA error
 
     # -- startup ---------------------------------------------------------------------------------
@@ -192,6 +198,10 @@ class Worker:
                     log.error("default pipeline not loaded: %s", exc)
 
     def _start(self) -> None:
+        with self._start_lock:  # jobs may arrive together, before start() ran (the handler used alone)
+            self._start_once()
+
+    def _start_once(self) -> None:
         if self._started:
             return
         self._started = True
@@ -313,6 +323,9 @@ class Worker:
         request = parse_workflow_request(
             payload, max_timeout=self.config.max_timeout, max_image_bytes=self.config.limits.max_bytes
         )
+        self._start()  # the settings name the folders the workflow's names resolve in
+        if self._broken is not None:
+            raise self._broken
         timeout = request.timeout or self.config.default_timeout
         deadline = started + timeout
         store = outputs.request_storage(self.config.storage, job, request.storage, self.config.url_policy)
@@ -337,8 +350,11 @@ class Worker:
         try:
             self._ready()
             pictures = {name: self._picture(source, store, deadline) for name, source in request.images}
-            pipe = self._pipeline(spec, job)
-            self._apply_loras(pipe, spec)
+            slots = {slot: f"workflow.{plan.sources[slot]}" for slot in SLOT_FIELDS}
+            pipe = self._pipeline(spec, job, slots)
+            stack = enumerate(plan.loras)
+            loras = {i: f"workflow.{lo.node_id}.{lo.input_name}" for i, lo in stack if lo.node_id}
+            self._apply_loras(pipe, spec, loras)
             self._apply_offload(pipe, spec)
 
             def on_step(step: int, total: int, _x0) -> None:
@@ -615,9 +631,9 @@ def _slot_fields(request: JobRequest) -> dict[str, str]:
 def _folder_label(field: str | None) -> str:
     """The folder a field's file is looked for in, as messages say it."""
     root = (field or "").removeprefix("settings ").removeprefix("models.").split("[", 1)[0]
-    kind = {"model_name": "diffusion_models", "transformer": "diffusion_models", "clip_name": "text_encoders",
-            "text_encoder": "text_encoders", "vae_name": "vae", "vae": "vae", "lora_name": "loras",
-            "loras": "loras", "tokenizer": "tokenizers"}.get(root)  # fmt: skip
+    if root.startswith("workflow."):  # workflow.<node>.<input>: the loader's input names the kind
+        root = root.rsplit(".", 1)[-1]
+    kind = FIELD_KINDS.get(root)
     return f"{FOLDER_LABELS[kind]}s" if kind else "model folders"
 
 
