@@ -50,6 +50,8 @@ class EditParams:
         if self.denoise == 0:
             raise ParameterError("denoise", "must be > 0 (0 would return the input unchanged)")
         _check_float("shift", self.shift, 0.0, 100.0)
+        if self.shift == 0:  # the sigma schedule divides by it
+            raise ParameterError("shift", "must be > 0 (3.0 is the workflow's)")
         if (self.width is None) != (self.height is None):
             raise ParameterError(
                 "width" if self.width is None else "height", "give both width and height, or neither"

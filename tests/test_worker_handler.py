@@ -344,6 +344,7 @@ BAD_INPUTS = [
     ({"denoise": 0}, "INVALID_INPUT", "denoise"),
     ({"denoise": 1.5}, "INVALID_INPUT", "denoise"),
     ({"shift": -1}, "INVALID_INPUT", "shift"),
+    ({"shift": 0}, "INVALID_INPUT", "shift"),
     ({"seed": -2}, "INVALID_INPUT", "seed"),
     ({"seed": 2**64}, "INVALID_INPUT", "seed"),
     ({"batch_size": 9}, "INVALID_INPUT", "batch_size"),

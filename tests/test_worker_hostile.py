@@ -198,6 +198,13 @@ def test_client_faults_are_field_errors_not_internal_nor_retryable(client, http,
     assert runsync(client, valid_input(**CHEAP))["status"] == "COMPLETED"
 
 
+def test_a_jobs_s3config_is_checked_like_its_input(worker):
+    for s3config, field in [("s3://bucket", "s3Config"), ({"endpointUrl": 5}, "s3Config.endpointUrl"),
+                            ({"bucketName": ["b"]}, "s3Config.bucketName")]:  # fmt: skip
+        error = worker.run({"id": "s3", "input": valid_input(**CHEAP), "s3Config": s3config})["error"]
+        assert (error["code"], error["field"], error["retryable"]) == ("INVALID_INPUT", field, False)
+
+
 # -- files as the client named them --------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from . import images as inputs
 from . import storage
 from .deadline import DeadlinePassed, Outcome, calls_by
 from .public import clip
-from .schema import WorkerError
+from .schema import MAX_STORAGE_TEXT, WorkerError
 
 RESPONSE_WARN_BYTES = 15 * 2**20  # RunPod keeps /runsync results up to 20 MB (handler-functions.mdx)
 # RunPod's job-level s3Config (send-requests.mdx) -> our storage settings.
@@ -28,13 +28,26 @@ S3CONFIG_KEYS = {
 }
 
 
+S3CONFIG_FIX = f"give {', '.join(S3CONFIG_KEYS)} as strings"
+
+
 def request_storage(
     base: storage.StorageConfig, job: Mapping, overrides: Mapping, policy: inputs.UrlPolicy
 ) -> storage.StorageConfig:
     """The store for this job: the worker's, changed by the request's `storage` and `s3Config`."""
     changes = dict(overrides)
     s3 = job.get("s3Config")
-    if isinstance(s3, Mapping):
+    if s3 is not None:  # the platform passes the request's own s3Config: checked like the input
+        if not isinstance(s3, Mapping):
+            raise WorkerError("INVALID_INPUT", "must be an object", field="s3Config", fix=S3CONFIG_FIX)
+        for key, value in s3.items():
+            if key in S3CONFIG_KEYS and not (isinstance(value, str) and 0 < len(value) <= MAX_STORAGE_TEXT):
+                raise WorkerError(
+                    "INVALID_INPUT",
+                    f"must be a non-empty string of at most {MAX_STORAGE_TEXT} characters",
+                    field=f"s3Config.{key}",
+                    fix=S3CONFIG_FIX,
+                )
         changes = {**{S3CONFIG_KEYS[k]: v for k, v in s3.items() if k in S3CONFIG_KEYS}, **changes}
     if not changes:
         return base

@@ -96,7 +96,7 @@ FIXES = {
     "sampler_name": f"use one of: {', '.join(SAMPLER_NAMES)}",
     "scheduler": f"use one of: {', '.join(SCHEDULER_NAMES)}",
     "denoise": "use a number in (0, 1]",
-    "shift": "use a number 0-100 (3.0 is the workflow's)",
+    "shift": "use a number above 0 and at most 100 (3.0 is the workflow's)",
     "width": "give width and height together, multiples of 16 from 16 to 4096, or neither",
     "height": "give width and height together, multiples of 16 from 16 to 4096, or neither",
     "batch_size": "use 1-8",
