@@ -38,7 +38,7 @@ ERROR_CODES = {
     "URL_NOT_ALLOWED": "image_url (or a redirect) is not http(s) or points at a non-public address",
     "IMAGE_FETCH_FAILED": "an image URL or object key could not be downloaded (may be retried)",
     "STORAGE_NOT_CONFIGURED": "image_object_key was given but the worker has no bucket configured",
-    "TIMEOUT": "the job's deadline (timeout) passed; the edit stopped between steps",
+    "TIMEOUT": "the job's deadline (timeout) passed; the job stopped at the next check (details.stage)",
     "CANCELLED": "the job was cancelled by the platform",
     "CUDA_UNAVAILABLE": "no usable CUDA GPU appeared; the worker is refreshed",
     "CUDA_OOM": "the GPU ran out of memory; details.suggestion holds settings that fit",
