@@ -310,6 +310,7 @@ def test_configuration_errors_are_reported_per_job(monkeypatch):
     worker = Worker(WorkerConfig(settings=str(TMP / "missing.yaml")))
     error = error_of(sdk_envelope(worker, valid_input()))
     assert error["code"] == "CONFIG_ERROR" and "missing.yaml" in error["message"]
+    assert str(TMP) not in error["message"]  # the operator's paths are in the log, not the response
     import runners.worker.handler as module
 
     monkeypatch.setattr(module, "_worker", None)

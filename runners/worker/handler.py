@@ -214,12 +214,12 @@ class Worker:
             else:
                 self.settings = load_settings(self.config.settings or str(DEFAULT_SETTINGS))
         except Exception as exc:
+            log.error("the worker's settings can't be used: %s", exc)  # the paths, for the operator
             self._broken = WorkerError(
                 "CONFIG_ERROR",
-                f"the worker's settings can't be used: {exc}",
+                f"the worker's settings can't be used: {without_paths(str(exc))}",
                 fix="fix QWEN_EDIT_CONFIG or the settings file",
             )
-            log.error("%s", self._broken)
             return
         device = self.settings.device
         wants_cuda = device.startswith("cuda") or (device == "auto" and torch.version.cuda is not None)
@@ -678,7 +678,9 @@ def _run_job(worker: Worker | None, job: dict, stop: threading.Event) -> dict:
     try:
         worker = worker or get_worker()
     except Exception as exc:  # bad QWEN_EDIT_* / RUNPOD_STORAGE_* values
-        error = WorkerError("CONFIG_ERROR", str(exc), fix="fix the endpoint's environment variables")
+        log.error("the worker's environment can't be used: %s", exc)
+        message = without_paths(str(exc))
+        error = WorkerError("CONFIG_ERROR", message, fix="fix the endpoint's environment variables")
         return {"error": error.to_dict()}
     return worker.run(job, stop)
 

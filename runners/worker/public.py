@@ -45,11 +45,16 @@ def clip(text: str, limit: int = MAX_MESSAGE) -> str:
     return text[: max(keep, 0)] + f"... ({len(text) - max(keep, 0):,} more characters)"
 
 
-def without_paths(text: str, folders: Mapping[str, Iterable[Path]] = {}) -> str:  # noqa: B006 (read only)
+def without_paths(text: str, folders: Mapping[str, Iterable[Path]] | None = None) -> str:
     """`text` with the server's paths taken out: each folder of `folders` ({label: folders}) becomes
-    `<label>`, and any other absolute path its last segment (a file as the client named it)."""
+    `<label>` (a file in it: its name there), and any other absolute path its last segment."""
     known = sorted(
-        ((str(p), label) for label, paths in folders.items() for folder in paths for p in _spellings(folder)),
+        (
+            (str(p), label)
+            for label, paths in (folders or {}).items()
+            for folder in paths
+            for p in _spellings(folder)
+        ),
         key=lambda item: -len(item[0]),
     )
     for path, label in known:  # a file in the folder by its name there, the folder by its label
