@@ -203,9 +203,10 @@ class _Problems:
 
 
 def image_text_limit(max_image_bytes: int) -> int:
-    """Characters of the longest image string: the base64 of `max_image_bytes`, a data-URI header and
-    line breaks (the decoder checks the exact size)."""
-    return (max_image_bytes + 2) // 3 * 4 * 2 + 1024
+    """Characters of the longest image string: the base64 of `max_image_bytes`, MIME line breaks (CRLF
+    every 76 characters) and a data-URI header (the decoder checks the exact size)."""
+    encoded = (max_image_bytes + 2) // 3 * 4
+    return encoded + encoded // 38 + 1024
 
 
 def check_shape(payload, *, max_image_bytes: int = DEFAULT_IMAGE_BYTES, root: str = "input") -> None:
