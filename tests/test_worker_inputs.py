@@ -467,3 +467,20 @@ def test_the_input_shape_is_bounded_before_the_fields_are_read():
         with pytest.raises(WorkerError) as info:
             check_shape(payload, max_image_bytes=1000)
         assert (info.value.code, info.value.field) == ("INVALID_INPUT", field), info.value
+
+
+def test_a_name_server_that_never_answers_costs_no_more_than_the_time_limit(monkeypatch):
+    """getaddrinfo stands in for a resolver that hangs: no real one can be pointed at here."""
+    import threading
+
+    answer = threading.Event()
+    monkeypatch.setattr(images.socket, "getaddrinfo", lambda *args, **kwargs: answer.wait(60) and [])
+    limits = ImageLimits(url_timeout=1.0)
+    start = time.monotonic()
+    try:
+        with pytest.raises(WorkerError) as info:
+            images.fetch_url("http://never-answers.example/a.png", "image_url", UrlPolicy(), limits)
+    finally:
+        answer.set()
+    assert time.monotonic() - start < 30  # not the resolver's 60 s
+    assert info.value.code == "IMAGE_FETCH_FAILED" and "time limit" in info.value.message

@@ -264,7 +264,8 @@ class Worker:
         request = parse_request(payload, max_timeout=self.config.max_timeout, max_image_bytes=max_image_bytes)
         timeout = request.timeout or self.config.default_timeout
         deadline = started + timeout
-        store = outputs.request_storage(self.config.storage, job, request.storage, self.config.url_policy)
+        policy = self.config.url_policy
+        store = outputs.request_storage(self.config.storage, job, request.storage, policy, deadline)
         self._wait_turn(deadline, timeout)
         timings: dict = {"queue": time.monotonic() - started}
         try:
@@ -328,7 +329,8 @@ class Worker:
             raise self._broken
         timeout = request.timeout or self.config.default_timeout
         deadline = started + timeout
-        store = outputs.request_storage(self.config.storage, job, request.storage, self.config.url_policy)
+        policy = self.config.url_policy
+        store = outputs.request_storage(self.config.storage, job, request.storage, policy, deadline)
         try:  # the graph and every name it uses are checked before any work
             plan = plan_workflow(request.workflow, request.overrides)
             files = resolve_models(plan, self.settings.folders)

@@ -260,7 +260,7 @@ def fetch_url(
     if deadline is not None:
         stop = min(stop, deadline)
     for _hop in range(MAX_REDIRECTS + 1):
-        parts, address = check_url(url, field, policy)
+        parts, address = check_url(url, field, policy, stop)
         parts = _ascii_url(parts, field)
         remaining = stop - time.monotonic()
         if remaining <= 0:
@@ -281,8 +281,9 @@ def fetch_url(
     raise _fetch_error(field, url, f"more than {MAX_REDIRECTS} redirects")
 
 
-def check_url(url: str, field: str, policy: UrlPolicy) -> tuple:
-    """(split URL, the checked address to connect to), or URL_NOT_ALLOWED."""
+def check_url(url: str, field: str, policy: UrlPolicy, deadline: float | None = None) -> tuple:
+    """(split URL, the checked address to connect to), or URL_NOT_ALLOWED. The host's name is resolved
+    by `deadline` (a name server that never answers costs the job no more)."""
     try:
         parts = urlsplit(url)
     except ValueError as exc:  # "Invalid IPv6 URL", ...
@@ -303,8 +304,14 @@ def check_url(url: str, field: str, policy: UrlPolicy) -> tuple:
     except ValueError:
         raise WorkerError("URL_NOT_ALLOWED", f"{url!r} has an invalid port", field=field) from None
     host = _ascii_host(parts.hostname, field)
+
+    def resolve() -> list:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = resolve() if deadline is None else call_by(deadline, resolve)
+    except DeadlinePassed:
+        raise _fetch_error(field, url, f"resolving {parts.hostname!r} took past the time limit") from None
     except OSError as exc:
         raise _fetch_error(field, url, f"cannot resolve {parts.hostname!r} ({exc})") from None
     addresses = sorted({info[4][0] for info in infos})

@@ -32,7 +32,11 @@ S3CONFIG_FIX = f"give {', '.join(S3CONFIG_KEYS)} as strings"
 
 
 def request_storage(
-    base: storage.StorageConfig, job: Mapping, overrides: Mapping, policy: inputs.UrlPolicy
+    base: storage.StorageConfig,
+    job: Mapping,
+    overrides: Mapping,
+    policy: inputs.UrlPolicy,
+    deadline: float | None = None,
 ) -> storage.StorageConfig:
     """The store for this job: the worker's, changed by the request's `storage` and `s3Config`."""
     changes = dict(overrides)
@@ -52,7 +56,7 @@ def request_storage(
     if not changes:
         return base
     if changes.get("endpoint_url"):  # a store the request chose is an outbound target, like a URL
-        inputs.check_url(changes["endpoint_url"], "storage.endpoint_url", policy)
+        inputs.check_url(changes["endpoint_url"], "storage.endpoint_url", policy, deadline)
     try:
         return base.with_overrides(changes)
     except storage.StorageConfigError as exc:
