@@ -88,9 +88,14 @@ class UnsafeModelNameError(QwenEditError, ValueError):
 
 
 class ModelNotFoundError(QwenEditError, FileNotFoundError):
-    """A model name that resolves to no file; the message lists where it looked and what is there."""
+    """A model name that resolves to no file; the message lists where it looked and what is there.
+    `name` is the name as the caller gave it (runners that must not show folders say only that)."""
 
     kind = "model_not_found"
+
+    def __init__(self, message: str, *, field: str | None = None, name: str | None = None):
+        super().__init__(message, field=field)
+        self.name = name
 
 
 class HeaderError(QwenEditError, ValueError):
@@ -118,6 +123,13 @@ class TextEncoderFileError(QwenEditError, ValueError):
 
 class VAEFormatError(QwenEditError, ValueError):
     """The weights are not (exactly) a Qwen-Image VAE."""
+
+    kind = "model_format"
+
+
+class ModelFileError(QwenEditError, ValueError):
+    """A model file its loader could not use, for a reason no format check above caught (`field`: the
+    slot). The cause is chained."""
 
     kind = "model_format"
 
@@ -150,15 +162,26 @@ class GPUOutOfMemoryError(QwenEditError, RuntimeError):
         self.suggestion = suggestion
 
 
-class SamplingCancelled(QwenEditError):
-    """Raised between sampler steps when the caller's ``cancel()`` check returns True."""
+class EditCancelled(QwenEditError):
+    """The caller's ``cancel()`` returned True at a check of an edit: before each stage (text encoding,
+    VAE encoding, sampling, decoding), between the pieces of one (the two prompts, the reference images,
+    the text encoder's layers) and between sampling steps. `stage` names the stage; `step` and `total`
+    are the sampling steps done and planned."""
 
     kind = "cancelled"
 
-    def __init__(self, step: int, total: int) -> None:
-        super().__init__(f"sampling cancelled before step {step} of {total}")
+    def __init__(self, stage: str, step: int, total: int, message: str | None = None) -> None:
+        super().__init__(message or f"edit cancelled during {stage} (after {step} of {total} sampling steps)")
+        self.stage = stage
         self.step = step
         self.total = total
+
+
+class SamplingCancelled(EditCancelled):
+    """Raised between sampler steps when the caller's ``cancel()`` check returns True."""
+
+    def __init__(self, step: int, total: int) -> None:
+        super().__init__("sampling", step, total, f"sampling cancelled before step {step} of {total}")
 
 
 def kind_of(exc: BaseException) -> str:

@@ -17,6 +17,10 @@ MAX_SEED = 2**64 - 1  # ComfyUI's KSampler seed range (0xffffffffffffffff)
 MAX_SIDE = 4096
 MAX_BATCH = 8
 MAX_IMAGES = 3  # TextEncodeQwenImageEditPlus has three image slots
+# Both prompts are encoded whole (the negative one whenever cfg != 1), and one encoder call can't be
+# stopped part-way, while its cost grows with the square of the length: 20,000 characters (about 5,000
+# tokens) keeps text encoding to seconds, and the text-to-image attention of every step with it.
+MAX_PROMPT = 20_000
 
 
 @dataclass(frozen=True)
@@ -35,8 +39,8 @@ class EditParams:
     batch_size: int = 1
 
     def __post_init__(self) -> None:
-        _check_str("prompt", self.prompt)
-        _check_str("negative_prompt", self.negative_prompt)
+        _check_text("prompt", self.prompt)
+        _check_text("negative_prompt", self.negative_prompt)
         _check_int("seed", self.seed, 0, MAX_SEED)
         _check_int("steps", self.steps, 1, 200)
         _check_float("cfg", self.cfg, 0.0, 100.0)
@@ -46,6 +50,8 @@ class EditParams:
         if self.denoise == 0:
             raise ParameterError("denoise", "must be > 0 (0 would return the input unchanged)")
         _check_float("shift", self.shift, 0.0, 100.0)
+        if self.shift == 0:  # the sigma schedule divides by it
+            raise ParameterError("shift", "must be > 0 (3.0 is the workflow's)")
         if (self.width is None) != (self.height is None):
             raise ParameterError(
                 "width" if self.width is None else "height", "give both width and height, or neither"
@@ -64,9 +70,18 @@ class EditParams:
         return asdict(self)
 
 
-def _check_str(name: str, value) -> None:
+def _check_text(name: str, value) -> None:
     if not isinstance(value, str):
         raise ParameterError(name, f"must be a string, got {type(value).__name__}")
+    if len(value) > MAX_PROMPT:
+        raise ParameterError(name, f"longer than {MAX_PROMPT} characters ({len(value)} given)")
+    if not value.isascii():
+        try:  # "\ud800" is valid JSON but no text: the tokenizer can't take it
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ParameterError(
+                name, f"is not valid Unicode text: a lone surrogate {value[exc.start]!r} at index {exc.start}"
+            ) from None
 
 
 def _check_int(name: str, value, low: int, high: int) -> None:

@@ -85,6 +85,7 @@ class ModelFolders:
             + (f"; available: {available}" if available else "")
             + ". Check the name, or run `qwen-edit download` to fetch the models.",
             field=field,
+            name=name,
         )
 
 
@@ -102,12 +103,14 @@ def comfy_layout(base: str | Path) -> dict:
 
 def check_model_name(name: str, field_name: str) -> None:
     """Refuse names that could leave a folder, before touching the file system."""
+    if "\x00" in name:  # before Path(): what is wrong is the byte, whatever else the name holds
+        raise UnsafeModelNameError("a file name can't contain a NUL character (\\x00)", field=field_name)
     path = Path(name)
     if not name or name.strip() != name:
         raise UnsafeModelNameError(f"empty or padded name {name!r}", field=field_name)
     if path.is_absolute() or name.startswith(("~", "\\")) or ":" in name:
         raise UnsafeModelNameError(f"{name!r} must be a name relative to the model folder", field=field_name)
-    if ".." in path.parts or "\x00" in name:
+    if ".." in path.parts:
         raise UnsafeModelNameError(f"{name!r} may not contain '..'", field=field_name)
 
 

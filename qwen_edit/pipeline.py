@@ -24,9 +24,16 @@ import torch
 from PIL import Image
 
 from . import conditioning, offload, prefetch
-from .errors import GPUOutOfMemoryError, ModelNotFoundError
+from .errors import (
+    EditCancelled,
+    GPUOutOfMemoryError,
+    ModelFileError,
+    ModelNotFoundError,
+    QwenEditError,
+    kind_of,
+)
 from .hardware import default_device
-from .lora import LoraReport, apply_loras
+from .lora import LoraReport, apply_loras, read_lora
 from .model import comfy_forward
 from .offload import OffloadPlan
 from .params import MAX_IMAGES, EditParams, ParameterError
@@ -40,7 +47,7 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int, "torch.Tensor | None"], None]
 MAX_MEGAPIXELS = 16.0
 
-__all__ = ["EditResult", "GPUOutOfMemoryError", "QwenEditPipeline", "SamplingCancelled"]
+__all__ = ["EditCancelled", "EditResult", "GPUOutOfMemoryError", "QwenEditPipeline", "SamplingCancelled"]
 
 
 @dataclass
@@ -161,7 +168,8 @@ class QwenEditPipeline:
         clock.done("imports")
         device = torch.device(device) if device is not None else default_device()
         tokenizer_path = tokenizer if tokenizer is not None else find_tokenizer(Path(text_encoder))
-        ckpt = read_checkpoint(transformer)  # the header, read once: planning and loading share it
+        with _slot("transformer"):
+            ckpt = read_checkpoint(transformer)  # the header, read once: planning and loading share it
         sizes = offload.file_sizes(ckpt, text_encoder, vae, device=device, backend=backend, compute=compute)
         plan = offload.plan_offload(
             cpu_offload=cpu_offload, num_blocks_on_gpu=num_blocks_on_gpu, use_pin_memory=use_pin_memory,
@@ -171,18 +179,22 @@ class QwenEditPipeline:
         log.info("offload: %s", plan.reason)
         clock.done("plan")
         staging = torch.device("cpu") if plan.encoders_on_cpu else device
-        model = load_transformer(
-            ckpt, backend=backend, compute=compute, device=device, use_pin_memory=plan.use_pin_memory,
-            num_blocks_on_gpu=plan.blocks_on_gpu if plan.streams_blocks else None, compile=compile,
-        )  # fmt: skip
+        with _slot("transformer"):
+            model = load_transformer(
+                ckpt, backend=backend, compute=compute, device=device, use_pin_memory=plan.use_pin_memory,
+                num_blocks_on_gpu=plan.blocks_on_gpu if plan.streams_blocks else None, compile=compile,
+            )  # fmt: skip
         clock.done("transformer")
-        encoder = load_text_encoder(
-            text_encoder, device=staging, compute=text_encoder_compute, config=text_encoder_config
-        )
+        with _slot("text_encoder"):
+            encoder = load_text_encoder(
+                text_encoder, device=staging, compute=text_encoder_compute, config=text_encoder_config
+            )
         clock.done("text_encoder")
-        tokens = load_tokenizer(tokenizer_path)
+        with _slot("tokenizer"):
+            tokens = load_tokenizer(tokenizer_path)
         clock.done("tokenizer")
-        autoencoder = load_vae(vae, device=staging)
+        with _slot("vae"):
+            autoencoder = load_vae(vae, device=staging)
         clock.done("vae")
         pipe = cls(model, encoder, tokens, autoencoder, device=device, encoders_on_cpu=plan.encoders_on_cpu)
         pipe.files = ModelFiles(Path(transformer), Path(text_encoder), Path(vae), Path(tokenizer_path))
@@ -298,7 +310,16 @@ class QwenEditPipeline:
             for item in loras
         )
         applied = [(str(spec.path), float(spec.strength)) for spec in specs]
-        report = apply_loras(self.transformer, applied)  # a refused set leaves the model as it was
+        files = []
+        for i, spec in enumerate(specs):  # read one by one, so that an error names the LoRA at fault
+            try:
+                files.append(read_lora(spec.path))
+            except QwenEditError as exc:
+                if exc.field is None:
+                    exc.field = f"loras[{i}]"
+                raise
+        # a refused set leaves the model as it was
+        report = apply_loras(self.transformer, [(f, s) for f, (_, s) in zip(files, applied, strict=True)])
         self.loras, self.lora_specs, self.lora_report = applied, specs, report
         log.info("LoRAs set in %.3fs: %s", report.seconds, report.applied)
         return report
@@ -428,7 +449,8 @@ class QwenEditPipeline:
         image-to-image latent of `denoise` < 1 is that image. The encoders see image 1 at that
         megapixel budget and images 2 and 3 as given.
         `callback(step, total, x0_latent)` runs after each step; `cancel()` is polled between steps
-        and stops the edit with `SamplingCancelled`.
+        (stopping the edit with `SamplingCancelled`) and before each other stage, between the prompts,
+        the reference images and the text encoder's layers (`EditCancelled`, its base, naming the stage).
         """
         params = EditParams(
             prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, cfg=cfg,
@@ -499,22 +521,33 @@ class QwenEditPipeline:
         # example_workflows/nunchaku-qwen-image-edit-2509.json and its -lightning twin).
         node_images = [conditioning.scale_to_megapixels(pictures[0], megapixels), *pictures[1:]]
 
-        with self._stage("text_encode", timings, self.text_encoder):
-            cond = self._encode(params.prompt, node_images)
-            uncond = self._encode(params.negative_prompt, node_images) if needs_uncond(params.cfg) else None
+        def check(stage: str) -> None:
+            """`cancel` between stages and their pieces, as between steps: a deadline covers them all."""
+            if cancel is not None and cancel():
+                raise EditCancelled(stage, 0 if stage != "vae_decode" else params.steps, params.steps)
 
+        check("text_encode")
+        with self._stage("text_encode", timings, self.text_encoder):
+            cond = self._encode(params.prompt, node_images, check)
+            uncond = None
+            if needs_uncond(params.cfg):
+                check("text_encode")
+                uncond = self._encode(params.negative_prompt, node_images, check)
+
+        check("vae_encode")
         with self._stage("vae_encode", timings, self.vae):
             from .vae import encode_images
 
             vae_device = next(self.vae.parameters()).device
-            refs = [
-                encode_images(self.vae, conditioning.reference_pixels(p, self.reference_area, vae_device))
-                .unsqueeze(2)
-                .to(self.device)
-                for p in node_images
-            ]
+            refs = []
+            for i, p in enumerate(node_images):
+                if i:
+                    check("vae_encode")
+                pixels = conditioning.reference_pixels(p, self.reference_area, vae_device)
+                refs.append(encode_images(self.vae, pixels).unsqueeze(2).to(self.device))
             b = params.batch_size
             if params.denoise < 1.0:  # img2img from image 1, as the workflow's VAEEncode latent
+                check("vae_encode")
                 out_pixels = conditioning.output_pixels(pictures[0], params.width, params.height, megapixels)
                 latent = encode_images(self.vae, out_pixels).unsqueeze(2).cpu().expand(b, -1, -1, -1, -1)
             else:  # only the shape matters: sampling starts from pure noise
@@ -543,6 +576,7 @@ class QwenEditPipeline:
         )  # fmt: skip
         timings["steps"] = clock.seconds()
 
+        check("vae_decode")
         with self._stage("vae_decode", timings, self.vae):
             from .vae import decode_latents
 
@@ -553,10 +587,12 @@ class QwenEditPipeline:
         parameters = {**params.to_dict(), "loras": loras, "size": list(images_out[0].size)}
         return EditResult(images_out, params.seed, parameters, timings)
 
-    def _encode(self, prompt: str, pictures: list[Image.Image]) -> torch.Tensor:
+    def _encode(self, prompt: str, pictures: list[Image.Image], check: Callable[[str], None]) -> torch.Tensor:
+        from .text_encoder import checks_between_layers
         from .tokenizer import encode_edit_prompt
 
-        return encode_edit_prompt(self.text_encoder, self.tokenizer, prompt, pictures).to(self.device)
+        with checks_between_layers(self.text_encoder, lambda: check("text_encode")):
+            return encode_edit_prompt(self.text_encoder, self.tokenizer, prompt, pictures).to(self.device)
 
     @contextmanager
     def _stage(self, name: str, timings: dict, module: torch.nn.Module):
@@ -596,6 +632,24 @@ class QwenEditPipeline:
         )
         log.error("%s (%s)", message, exc)
         return GPUOutOfMemoryError(message, suggestion)
+
+
+@contextmanager
+def _slot(name: str):
+    """Loading the file of model slot `name`: an error that names no slot names this one, and what torch
+    or a reader raised on a file that is not what the slot needs becomes a ModelFileError for it.
+    Memory and CUDA failures pass through as they are (they say nothing about the file)."""
+    try:
+        yield
+    except QwenEditError as exc:
+        if exc.field is None:
+            exc.field = name
+        raise
+    except Exception as exc:
+        if kind_of(exc) not in ("runtime", "internal"):
+            raise
+        message = f"the {name} file could not be loaded ({type(exc).__name__}: {exc})"
+        raise ModelFileError(message, field=name) from exc
 
 
 class _PhaseClock:

@@ -23,7 +23,7 @@ import json
 import logging
 import time
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -649,6 +649,25 @@ def compile_text_encoder(model: nn.Module) -> None:
     image sizes vary, and one compiled graph then serves them all)."""
     for module in [*model.language_model.layers, *model.visual.blocks]:
         module.compile(dynamic=True)
+
+
+@contextmanager
+def checks_between_layers(model: nn.Module, check: Callable[[], None]) -> Iterator[None]:
+    """Call `check` (which raises to stop) before each language-model layer and vision block while the
+    block runs: one encoder call on a long prompt can take seconds, and this is where it can stop.
+    Compiled layers are left alone (a hook inside a compiled graph would break it at every call)."""
+    layers = [*getattr(getattr(model, "language_model", None), "layers", ()),
+              *getattr(getattr(model, "visual", None), "blocks", ())]  # fmt: skip
+    handles = [
+        layer.register_forward_pre_hook(lambda _module, _args: check())
+        for layer in layers
+        if getattr(layer, "_compiled_call_impl", None) is None
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def comfy_attention_mask(

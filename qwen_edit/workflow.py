@@ -1616,8 +1616,7 @@ def _resolve(folders: ModelFolders, kind: str, name: str, field_name: str, class
     try:
         return folders.resolve(kind, name)
     except ModelNotFoundError as exc:
-        error = ModelNotFoundError(f"{field_name} ({class_type}): {exc}")
-        error.field = field_name
+        error = ModelNotFoundError(f"{field_name} ({class_type}): {exc}", field=field_name, name=name)
         raise error from None
 
 

@@ -35,16 +35,19 @@ MUTANTS: dict[str, tuple[str, str]] = {
     ),
     "seed + 1": ("model_fn, latent, seed=params.seed,", "model_fn, latent, seed=params.seed + 1,"),
     "negative prompt encoded without the images": (
-        "self._encode(params.negative_prompt, node_images)",
-        "self._encode(params.negative_prompt, [])",
+        "self._encode(params.negative_prompt, node_images, check)",
+        "self._encode(params.negative_prompt, [], check)",
     ),
     "CFGNorm off": (
         "callback=on_step, cancel=cancel,",
         "callback=on_step, cancel=cancel, cfg_norm_strength=None,",
     ),
-    "reference order reversed": ("for p in node_images\n", "for p in reversed(node_images)\n"),
+    "reference order reversed": (
+        "for i, p in enumerate(node_images):",
+        "for i, p in enumerate(reversed(node_images)):",
+    ),
     "encoders see image 1 unscaled": (
-        "[conditioning.scale_to_megapixels(pictures[0], self.output_megapixels), *pictures[1:]]",
+        "[conditioning.scale_to_megapixels(pictures[0], megapixels), *pictures[1:]]",
         "list(pictures)",
     ),
 }

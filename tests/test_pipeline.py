@@ -11,7 +11,8 @@ import yaml
 from PIL import Image
 
 from qwen_edit import QwenEditPipeline, conditioning
-from qwen_edit.params import ParameterError
+from qwen_edit.errors import EditCancelled
+from qwen_edit.params import MAX_PROMPT, ParameterError
 from qwen_edit.sampling import SamplingCancelled
 
 
@@ -73,7 +74,9 @@ def test_negative_prompt_is_only_encoded_when_cfg_is_not_one(pipe, monkeypatch):
     prompts = []
     original = pipe._encode
     monkeypatch.setattr(
-        pipe, "_encode", lambda prompt, pictures: prompts.append(prompt) or original(prompt, pictures)
+        pipe,
+        "_encode",
+        lambda prompt, pictures, check: prompts.append(prompt) or original(prompt, pictures, check),
     )
     pipe.edit([picture(64, 64)], "pos", negative_prompt="neg", cfg=1.0, width=32, height=32)
     assert prompts == ["pos"]
@@ -106,6 +109,38 @@ def test_progress_callback_and_cancel(pipe):
             callback=lambda *a: calls.append(a),
         )
     assert len(calls) == 2  # stopped before the third step
+
+
+def test_cancel_is_checked_before_every_stage_and_between_their_pieces(pipe):
+    """cancel() stops an edit in text encoding (before it, between the prompts and the encoder's layers),
+    VAE encoding (between the references), sampling and decoding, naming the stage: a deadline covers
+    them all, not only the steps."""
+
+    def edit(cancel):
+        pipe.edit([picture(64, 64), picture(48, 48)], "p", negative_prompt="n", cfg=2.0, steps=2,
+                  width=32, height=32, cancel=cancel)  # fmt: skip
+
+    checks = []
+    edit(lambda: checks.append(1) and False)
+    stages = []
+    for n in range(len(checks)):  # stop at the n-th check, for each n
+        calls = []
+        with pytest.raises(EditCancelled) as info:
+            edit(lambda calls=calls, n=n: calls.append(1) or len(calls) > n)
+        stages.append(info.value.stage)
+    order = ["text_encode", "vae_encode", "sampling", "vae_decode"]
+    assert sorted(set(stages), key=order.index) == order and stages == sorted(stages, key=order.index)
+    layers = len(pipe.text_encoder.language_model.layers)
+    assert stages.count("text_encode") > 2 * layers  # before the stage, the prompts and every layer
+    assert stages.count("vae_encode") == 2 and stages.count("sampling") == 2  # per reference, per step
+    assert stages[-1] == "vae_decode"
+
+
+def test_prompts_are_capped_and_must_be_unicode_text(pipe):
+    for kwargs in ({"prompt": "x" * (MAX_PROMPT + 1)}, {"prompt": "p", "negative_prompt": "\ud800"}):
+        with pytest.raises(ParameterError) as info:
+            pipe.edit([picture(64, 64)], **kwargs)
+        assert info.value.field == next(k for k, v in kwargs.items() if v != "p")
 
 
 @pytest.mark.parametrize(

@@ -210,7 +210,8 @@ def test_a_request_naming_other_model_files_reloads_and_switches_back(client, wo
     runsync(client, valid_input())
     assert worker.loaded == before
     error = error_of(runsync(client, valid_input(model_name="nope.safetensors")))
-    assert error["code"] == "MODEL_NOT_FOUND" and "svdq-int4_r16-demo.safetensors" in error["message"]
+    assert error["code"] == "MODEL_NOT_FOUND" and "'nope.safetensors'" in error["message"]
+    assert "svdq-int4_r16-demo.safetensors" not in error["message"]  # no listing of the model folders
 
 
 # -- the deadline and cancellation --------------------------------------------------------------------
@@ -309,6 +310,7 @@ def test_configuration_errors_are_reported_per_job(monkeypatch):
     worker = Worker(WorkerConfig(settings=str(TMP / "missing.yaml")))
     error = error_of(sdk_envelope(worker, valid_input()))
     assert error["code"] == "CONFIG_ERROR" and "missing.yaml" in error["message"]
+    assert str(TMP) not in error["message"]  # the operator's paths are in the log, not the response
     import runners.worker.handler as module
 
     monkeypatch.setattr(module, "_worker", None)
@@ -343,6 +345,7 @@ BAD_INPUTS = [
     ({"denoise": 0}, "INVALID_INPUT", "denoise"),
     ({"denoise": 1.5}, "INVALID_INPUT", "denoise"),
     ({"shift": -1}, "INVALID_INPUT", "shift"),
+    ({"shift": 0}, "INVALID_INPUT", "shift"),
     ({"seed": -2}, "INVALID_INPUT", "seed"),
     ({"seed": 2**64}, "INVALID_INPUT", "seed"),
     ({"batch_size": 9}, "INVALID_INPUT", "batch_size"),

@@ -67,7 +67,7 @@ def test_every_seed_field_is_accepted():
 
 def test_both_prompts_are_capped_before_any_work():
     """A 10 MB negative prompt once held the worker for minutes (encoded at cfg != 1, unstoppable)."""
-    from runners.worker.schema import MAX_PROMPT
+    from qwen_edit.params import MAX_PROMPT
 
     long = "x" * (MAX_PROMPT + 1)
     assert codes({"image_name": "in.png", "prompt": "p", "negative_prompt": long, "cfg": 2.0}) == {
@@ -443,3 +443,44 @@ def test_https_is_verified_against_the_host_name_while_connecting_to_the_checked
     assert fetch(by_name) == data
     error = fetch_error(f"https://127.0.0.1:{server.port}/img.png")  # the certificate does not name the IP
     assert error.code == "IMAGE_FETCH_FAILED" and "127.0.0.1" in error.message
+
+
+def test_the_input_shape_is_bounded_before_the_fields_are_read():
+    import base64
+
+    from runners.worker.schema import MAX_DEPTH, check_shape, image_text_limit
+
+    mime = base64.encodebytes(os.urandom(1000)).decode().replace("\n", "\r\n")  # line breaks every 76
+    check_shape({"image_base64": mime, "prompt": "ünïcode ✓"}, max_image_bytes=1000)
+    nested: list = []
+    for _ in range(MAX_DEPTH):
+        nested = [nested]
+    for payload, field in [
+        ({"image_base64": "A" * (image_text_limit(1000) + 1)}, "image_base64"),
+        ({"images": nested}, "images" + "[0]" * (MAX_DEPTH - 1)),
+        ({"prompt": "\ud800"}, "prompt"),
+        ({"storage": {"\udfff": 1}}, "storage"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": b"bytes"}, "seed"),
+        ({"a": [0] * 100_001}, "input"),
+    ]:
+        with pytest.raises(WorkerError) as info:
+            check_shape(payload, max_image_bytes=1000)
+        assert (info.value.code, info.value.field) == ("INVALID_INPUT", field), info.value
+
+
+def test_a_name_server_that_never_answers_costs_no_more_than_the_time_limit(monkeypatch):
+    """getaddrinfo stands in for a resolver that hangs: no real one can be pointed at here."""
+    import threading
+
+    answer = threading.Event()
+    monkeypatch.setattr(images.socket, "getaddrinfo", lambda *args, **kwargs: answer.wait(60) and [])
+    limits = ImageLimits(url_timeout=1.0)
+    start = time.monotonic()
+    try:
+        with pytest.raises(WorkerError) as info:
+            images.fetch_url("http://never-answers.example/a.png", "image_url", UrlPolicy(), limits)
+    finally:
+        answer.set()
+    assert time.monotonic() - start < 30  # not the resolver's 60 s
+    assert info.value.code == "IMAGE_FETCH_FAILED" and "time limit" in info.value.message

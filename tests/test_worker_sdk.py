@@ -12,9 +12,23 @@ import json
 import os
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 
 import pytest
-from test_worker_support import DEMO_CACHE, REPO, TMP, LoopbackHTTP, demo_worker, encode, moto_s3, picture
+from test_worker_support import (
+    DEMO_CACHE,
+    REPO,
+    TMP,
+    LoopbackHTTP,
+    StalledServer,
+    demo_worker,
+    encode,
+    free_port,
+    moto_s3,
+    picture,
+    valid_input,
+)
 
 from qwen_edit.testing.demo import DEMO_VERSION
 
@@ -106,3 +120,83 @@ def test_a_bad_job_fails_the_sdk_test_mode_with_a_structured_error(env):
     assert error["code"] == "URL_NOT_ALLOWED" and error["field"] == "image_url"
     assert [e["field"] for e in error["errors"]] == ["image_url", "steps"]
     assert "Traceback" not in log
+
+
+@contextmanager
+def api_server(env: dict):
+    """`python -m runners.worker --rp_serve_api`: the SDK's local API server in its own process; yields
+    its base URL once it answers."""
+    import httpx
+
+    port = free_port()
+    args = ["--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)]
+    log = open(TMP / f"api-{port}.log", "w+")  # noqa: SIM115 (closed below, read on failure)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "runners.worker", *args], cwd=REPO, env=env, stdout=log, stderr=log
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        start = time.monotonic()
+        while True:
+            assert process.poll() is None, log.seek(0) or log.read()[-3000:]
+            try:
+                httpx.get(f"{url}/docs", timeout=2)  # any answer: the server is up
+                break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() - start < 180, "the API server did not start"
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+def test_a_10_mb_negative_prompt_and_a_stalled_store_through_the_sdk_api_server(env):
+    """The two jobs that used to stop the worker, sent over HTTP to the SDK's own server: the prompt is
+    refused before any work and the next job is answered; with a store that accepts and never answers,
+    the job returns within its deadline with its images inline, saying so."""
+    import httpx
+
+    with StalledServer() as store:
+        server_env = dict(env)
+        server_env.update(
+            RUNPOD_STORAGE_ENDPOINT=store.url,
+            RUNPOD_STORAGE_BUCKET="volume-1",
+            RUNPOD_STORAGE_ACCESS_KEY_ID="user_test",
+            RUNPOD_STORAGE_SECRET_ACCESS_KEY="rps_test",
+        )
+        with api_server(server_env) as url, httpx.Client(base_url=url, timeout=300) as http:
+
+            def runsync(payload: dict) -> tuple[dict, float]:
+                start = time.monotonic()
+                body = http.post("/runsync", json={"input": payload}).json()
+                return body, time.monotonic() - start
+
+            # This machine's pace, without the store: the deadline below is derived from it.
+            paces = [runsync(valid_input(steps=4, storage={"upload": False}))[0] for _ in range(2)]
+            assert all(b["status"] == "COMPLETED" for b in paces), paces
+            job = max(b["output"]["timings"]["total"] for b in paces)
+            step = max(max(b["output"]["timings"]["steps"]) for b in paces)
+
+            body, refused = runsync(valid_input(negative_prompt="x" * 10_000_000, cfg=2.0, timeout=10))
+            error = json.loads(body["error"])
+            assert (error["code"], error["field"], error["retryable"]) == (
+                "INVALID_INPUT", "negative_prompt", False
+            )  # fmt: skip
+            assert len(body["error"]) < 32_000
+            assert refused < job + 2.0, (refused, job)  # 10 MB over HTTP, refused before the model runs
+            body, _ = runsync(valid_input(steps=1, width=32, height=32, storage={"upload": False}))
+            assert body["status"] == "COMPLETED", body
+
+            timeout = 3 * job + 2 * step + 1.0
+            body, elapsed = runsync(valid_input(timeout=timeout))
+            assert store.accepted  # the upload reached the store, which never answered
+    assert body["status"] == "COMPLETED", body
+    entry = body["output"]["images"][0]
+    assert entry["delivery"] == "inline" and "deadline" in entry["upload_error"] and entry["base64"]
+    assert body["output"]["timings"]["total"] <= timeout + 0.5
+    assert elapsed < timeout + job + 2.0, (elapsed, timeout)  # botocore alone would wait 3 x 30 s
+    print(f"pace {job:.2f} s/job; 10 MB prompt refused in {refused:.2f} s; stalled store: "
+          f"timeout {timeout:.2f} s, answered in {elapsed:.2f} s")  # fmt: skip

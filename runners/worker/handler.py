@@ -4,11 +4,17 @@
     QWEN_EDIT_DEMO=1 python -m runners.worker --test_input '{"input": {...}}'   # the SDK's local test
     QWEN_EDIT_DEMO=1 python -m runners.worker --rp_serve_api --rp_api_host 127.0.0.1
 
-What happens per job: the input is checked (runners.worker.schema), images are fetched and decoded
-(runners.worker.images), the pipeline is switched only where the request's model names differ from the
-loaded ones, LoRAs and offload settings are applied without reloading, and the edit runs with
-per-step progress and a deadline polled between steps. Outputs go to S3-compatible storage
-(runners.worker.storage) and/or come back as base64; a failed upload still returns base64.
+What happens per job: the input's shape (sizes, nesting, text) and then its fields are checked before
+any work (runners.worker.schema), images are fetched and decoded (runners.worker.images), the pipeline
+is switched only where the request's model names differ from the loaded ones, LoRAs and offload
+settings are applied without reloading, and the edit runs with per-step progress. The job's deadline
+covers every stage: image downloads, the checks the pipeline makes before each stage and between
+steps, and the uploads. Outputs go to S3-compatible storage (runners.worker.storage), all at once and
+given up at the deadline (runners.worker.deadline), and/or come back as base64; an image not uploaded
+always comes back as base64 (runners.worker.outputs).
+
+Errors are bounded in size and name files as the client named them, never by the server's paths or
+folder listings (runners.worker.public).
 
 Errors are dicts with a stable code (runners.worker.schema.ERROR_CODES); what the library raises is
 mapped by its kind, with one table (KIND_ERRORS). The SDK needs `error` to be a
@@ -40,13 +46,14 @@ from pathlib import Path
 
 import torch
 
-from qwen_edit.errors import QwenEditError, SamplingCancelled, kind_of
+from qwen_edit.errors import EditCancelled, QwenEditError, kind_of
 from qwen_edit.pipeline import QwenEditPipeline
 from qwen_edit.settings import PipelineSpec, Settings, load_settings, resolve_spec
 
 from . import images as inputs
 from . import outputs, storage
-from .schema import JobRequest, WorkerError, parse_request, parse_workflow_request
+from .public import without_paths
+from .schema import JobRequest, WorkerError, parse_input, parse_request, parse_workflow_request
 
 log = logging.getLogger("qwen_edit.worker")
 
@@ -61,7 +68,7 @@ KIND_ERRORS = {
     "config": ("CONFIG_ERROR", "fix QWEN_EDIT_CONFIG or the settings file", False),
     "config_not_found": ("CONFIG_ERROR", "fix QWEN_EDIT_CONFIG or the settings file", False),
     "unsafe_name": ("UNSAFE_NAME", "give a file name relative to the model folder", False),
-    "model_not_found": ("MODEL_NOT_FOUND", "use a file the message lists, or put it on the volume", False),
+    "model_not_found": ("MODEL_NOT_FOUND", "check the name (relative to its model folder)", False),
     "model_format": ("MODEL_LOAD_FAILED", "check that the model files are complete and match", False),
     "lora": ("LORA_ERROR", "use a LoRA trained for Qwen-Image in a supported format", False),
     "hardware": ("UNSUPPORTED_HARDWARE", "select a GPU type the README lists", False),
@@ -79,6 +86,14 @@ KIND_ERRORS = {
 LOAD_FAILED = KIND_ERRORS["model_format"]
 # The library's model slots -> the request fields that name them.
 SLOT_FIELDS = {"transformer": "model_name", "text_encoder": "clip_name", "vae": "vae_name"}
+# A field (or slot, or loader input) that names a model file -> the kind of folder it is looked for in.
+FIELD_KINDS = {"model_name": "diffusion_models", "transformer": "diffusion_models",
+               "unet_name": "diffusion_models", "clip_name": "text_encoders", "text_encoder": "text_encoders",
+               "vae_name": "vae", "vae": "vae", "lora_name": "loras", "loras": "loras",
+               "tokenizer": "tokenizers"}  # fmt: skip
+# The model folders' kinds, as messages name them.
+FOLDER_LABELS = {"diffusion_models": "model folder", "text_encoders": "text encoder folder",
+                 "vae": "VAE folder", "loras": "LoRA folder", "tokenizers": "tokenizer folder"}  # fmt: skip
 CUDA_PROBE = (
     "import sys, torch; "
     "sys.exit(0 if torch.cuda.is_available() and torch.ones(1, device='cuda').item() else 1)"
@@ -167,6 +182,7 @@ class Worker:
         self.offload: tuple | None = None  # (cpu_offload, num_blocks_on_gpu, use_pin_memory) applied
         self.lock = threading.Lock()  # one edit at a time (the local API server may run jobs concurrently)
         self._started = False
+        self._start_lock = threading.Lock()
         self._broken: WorkerError | None = None  # set for good: bad settings, no GPU, a fatal CUDA error
 
     # -- startup ---------------------------------------------------------------------------------
@@ -182,6 +198,10 @@ class Worker:
                     log.error("default pipeline not loaded: %s", exc)
 
     def _start(self) -> None:
+        with self._start_lock:  # jobs may arrive together, before start() ran (the handler used alone)
+            self._start_once()
+
+    def _start_once(self) -> None:
         if self._started:
             return
         self._started = True
@@ -194,12 +214,12 @@ class Worker:
             else:
                 self.settings = load_settings(self.config.settings or str(DEFAULT_SETTINGS))
         except Exception as exc:
+            log.error("the worker's settings can't be used: %s", exc)  # the paths, for the operator
             self._broken = WorkerError(
                 "CONFIG_ERROR",
-                f"the worker's settings can't be used: {exc}",
+                f"the worker's settings can't be used: {without_paths(str(exc))}",
                 fix="fix QWEN_EDIT_CONFIG or the settings file",
             )
-            log.error("%s", self._broken)
             return
         device = self.settings.device
         wants_cuda = device.startswith("cuda") or (device == "auto" and torch.version.cuda is not None)
@@ -235,13 +255,17 @@ class Worker:
     def _run(self, job: Mapping, job_id: str, started: float, stop: threading.Event) -> dict:
         if self._broken is not None:
             raise self._broken
+        max_image_bytes = self.config.limits.max_bytes
         payload = job.get("input")
+        if isinstance(payload, str):  # JSON text: parsed (and its shape checked) to see which request it is
+            payload = parse_input(payload, max_image_bytes=max_image_bytes)
         if isinstance(payload, Mapping) and "workflow" in payload:  # worker-comfyui's request
             return self._run_workflow(payload, job, job_id, started, stop)
-        request = parse_request(payload, max_timeout=self.config.max_timeout)
+        request = parse_request(payload, max_timeout=self.config.max_timeout, max_image_bytes=max_image_bytes)
         timeout = request.timeout or self.config.default_timeout
         deadline = started + timeout
-        store = outputs.request_storage(self.config.storage, job, request.storage, self.config.url_policy)
+        policy = self.config.url_policy
+        store = outputs.request_storage(self.config.storage, job, request.storage, policy, deadline)
         self._wait_turn(deadline, timeout)
         timings: dict = {"queue": time.monotonic() - started}
         try:
@@ -251,8 +275,8 @@ class Worker:
             pictures = [self._picture(source, store, deadline) for source in request.images]
             timings["fetch_images"] = time.monotonic() - tick
             tick = time.monotonic()
-            pipe = self._pipeline(spec, job)
-            self._apply_loras(pipe, spec)
+            pipe = self._pipeline(spec, job, _slot_fields(request))
+            self._apply_loras(pipe, spec, {i: field for i, (_, _, field) in enumerate(request.loras or ())})
             self._apply_offload(pipe, spec)
             timings["load_models"] = time.monotonic() - tick
             if time.monotonic() >= deadline:
@@ -274,7 +298,7 @@ class Worker:
                     cancel=lambda: stop.is_set() or time.monotonic() >= deadline,
                     **edit,
                 )
-            except SamplingCancelled as exc:
+            except EditCancelled as exc:
                 raise _stopped(exc, stop, timeout, started) from None
             # What the LoRAs of *this* pipeline could not reach: a pipeline loaded for this job has none.
             lora_warnings = [
@@ -285,7 +309,7 @@ class Worker:
         finally:
             self.lock.release()
         tick = time.monotonic()
-        images, warnings = outputs.deliver(result, store, job_id)
+        images, warnings = outputs.deliver(result, store, job_id, deadline)
         timings["save_outputs"] = time.monotonic() - tick
         return self._response(pipe, result, images, lora_warnings + warnings, timings, started)
 
@@ -297,10 +321,16 @@ class Worker:
         from qwen_edit.svdq.checkpoint import read_checkpoint
         from qwen_edit.workflow import plan_workflow, resolve_models
 
-        request = parse_workflow_request(payload, max_timeout=self.config.max_timeout)
+        request = parse_workflow_request(
+            payload, max_timeout=self.config.max_timeout, max_image_bytes=self.config.limits.max_bytes
+        )
+        self._start()  # the settings name the folders the workflow's names resolve in
+        if self._broken is not None:
+            raise self._broken
         timeout = request.timeout or self.config.default_timeout
         deadline = started + timeout
-        store = outputs.request_storage(self.config.storage, job, request.storage, self.config.url_policy)
+        policy = self.config.url_policy
+        store = outputs.request_storage(self.config.storage, job, request.storage, policy, deadline)
         try:  # the graph and every name it uses are checked before any work
             plan = plan_workflow(request.workflow, request.overrides)
             files = resolve_models(plan, self.settings.folders)
@@ -322,8 +352,11 @@ class Worker:
         try:
             self._ready()
             pictures = {name: self._picture(source, store, deadline) for name, source in request.images}
-            pipe = self._pipeline(spec, job)
-            self._apply_loras(pipe, spec)
+            slots = {slot: f"workflow.{plan.sources[slot]}" for slot in SLOT_FIELDS}
+            pipe = self._pipeline(spec, job, slots)
+            stack = enumerate(plan.loras)
+            loras = {i: f"workflow.{lo.node_id}.{lo.input_name}" for i, lo in stack if lo.node_id}
+            self._apply_loras(pipe, spec, loras)
             self._apply_offload(pipe, spec)
 
             def on_step(step: int, total: int, _x0) -> None:
@@ -334,13 +367,15 @@ class Worker:
                     plan, pictures or None, models=self.settings.folders, input_dir=self._input_dir(),
                     callback=on_step, cancel=lambda: stop.is_set() or time.monotonic() >= deadline,
                 )  # fmt: skip
-            except SamplingCancelled as exc:
+            except EditCancelled as exc:
                 raise _stopped(exc, stop, timeout, started) from None
             except QwenEditError as exc:
                 raise self._error(exc) from None
         finally:
             self.lock.release()
-        images, warnings = outputs.deliver(result, store, job_id)
+        tick = time.monotonic()
+        images, warnings = outputs.deliver(result, store, job_id, deadline)
+        timings["save_outputs"] = time.monotonic() - tick
         images = [_comfy_image(plan.output.file_name(i + 1), entry) for i, entry in enumerate(images)]
         return self._response(pipe, result, images, warnings, timings, started)
 
@@ -399,7 +434,11 @@ class Worker:
         except QwenEditError as exc:
             raise self._error(exc, fields=fields) from None
 
-    def _pipeline(self, spec: PipelineSpec, job: Mapping | None = None) -> QwenEditPipeline:
+    def _pipeline(
+        self, spec: PipelineSpec, job: Mapping | None = None, fields: Mapping[str, str] | None = None
+    ) -> QwenEditPipeline:
+        """The pipeline for `spec`, loaded if the loaded one differs; an error names the request field
+        (`fields`: slot -> field) of the file that failed."""
         if self.pipe is not None and self.loaded == spec.files:
             return self.pipe
         if job is not None:
@@ -416,7 +455,7 @@ class Worker:
         except Exception as exc:
             if not isinstance(exc, QwenEditError):
                 log.exception("loading %s failed", spec.files)
-            raise self._error(exc, loading=True) from exc
+            raise self._error(exc, loading=True, fields=fields) from exc
         self.pipe, self.loaded, self.offload = pipe, spec.files, spec.offload
         info = pipe.info()
         log.info(
@@ -432,7 +471,11 @@ class Worker:
             )
         return pipe
 
-    def _apply_loras(self, pipe: QwenEditPipeline, spec: PipelineSpec) -> None:
+    def _apply_loras(
+        self, pipe: QwenEditPipeline, spec: PipelineSpec, fields: Mapping[int, str] | None = None
+    ) -> None:
+        """`spec`'s LoRAs on `pipe`; an error names the request's field of the LoRA at fault (`fields`:
+        index -> field), or lora_name."""
         if pipe.lora_specs == spec.loras:
             return
         try:
@@ -442,7 +485,8 @@ class Worker:
                 pipe.set_loras([])
             except Exception:
                 self.pipe = self.loaded = None
-            raise self._error(exc, field="lora_name") from None
+            named = {f"loras[{i}]": field for i, field in (fields or {}).items()}
+            raise self._error(exc, field="lora_name", fields=named) from None
         for name, keys in pipe.lora_report.unmatched.items():
             if keys:
                 log.warning("LoRA %s: %d keys match no module of this model", name, len(keys))
@@ -499,12 +543,16 @@ class Worker:
             where = (fields or {}).get(where) or SLOT_FIELDS.get(where) or where
             if where.startswith("models."):
                 where = f"settings {where}"
-        if code in ("INTERNAL", "MODEL_LOAD_FAILED"):
+        if kind == "model_not_found":  # said without the folders searched or what they hold
+            name = getattr(exc, "name", None)
+            message = f"no file {name!r} in the worker's {_folder_label(where)}" if name else str(exc)
+        elif code == "INTERNAL" or (code == "MODEL_LOAD_FAILED" and not isinstance(exc, QwenEditError)):
             message = f"{type(exc).__name__}: {exc}"
         elif isinstance(exc, QwenEditError):
             message = exc.message
         else:  # torch's out-of-memory text runs to several lines of allocator advice
             message = str(exc).split("\n", 1)[0]
+        message = without_paths(message, self._folders())  # files as the client named them
         details = {"suggestion": exc.suggestion} if hasattr(exc, "suggestion") else None
         error = WorkerError(
             code, message, field=where or field, fix=fix, retryable=retryable, details=details
@@ -523,6 +571,14 @@ class Worker:
             error.__cause__ = exc
         return error
 
+    def _folders(self) -> dict:
+        """{label: folders} of the worker's own folders, which messages name by label only."""
+        folders: dict = {"input folder": self.config.input_dirs}
+        if self.settings is not None:
+            for kind, paths in self.settings.folders.folders.items():
+                folders.setdefault(FOLDER_LABELS.get(kind, "model folder"), []).extend(paths)
+        return folders
+
     def _progress(self, job: Mapping, payload: dict) -> None:
         """Per-step status through the SDK; only where there is a platform to send it to (locally the
         SDK would log an error per call: runpod/runpod-python@07fc6e2 rp_http.py:16-19). Progress never
@@ -538,14 +594,17 @@ class Worker:
             log.warning("progress update failed: %s", exc)
 
 
-def _stopped(exc: SamplingCancelled, stop: threading.Event, timeout: float, started: float) -> WorkerError:
-    """The error for an edit stopped between steps: the platform's cancel, or the job's deadline."""
+def _stopped(exc: EditCancelled, stop: threading.Event, timeout: float, started: float) -> WorkerError:
+    """The error for an edit stopped at a check (between stages, their pieces, or sampling steps): the
+    platform's cancel, or the job's deadline."""
+    where = f"during {exc.stage.replace('_', ' ')}: stopped after {exc.step} of {exc.total} steps"
     if stop.is_set():
-        return WorkerError("CANCELLED", f"cancelled after {exc.step} of {exc.total} steps")
+        return WorkerError("CANCELLED", f"cancelled {where}")
     return _timeout(
         timeout,
-        f"during sampling: stopped after {exc.step} of {exc.total} steps",
+        where,
         details={
+            "stage": exc.stage,
             "steps_done": exc.step,
             "total_steps": exc.total,
             "elapsed": round(time.monotonic() - started, 3),
@@ -561,6 +620,23 @@ def _timeout(timeout: float, when: str, details: dict | None = None) -> WorkerEr
         fix="raise timeout, or use fewer steps, a smaller size or batch",
         details=details,
     )
+
+
+def _slot_fields(request: JobRequest) -> dict[str, str]:
+    """Model slot -> the field that named its file: the request's, or the settings' default."""
+    return {
+        slot: field if getattr(request, field) is not None else f"models.{slot}"
+        for slot, field in SLOT_FIELDS.items()
+    }
+
+
+def _folder_label(field: str | None) -> str:
+    """The folder a field's file is looked for in, as messages say it."""
+    root = (field or "").removeprefix("settings ").removeprefix("models.").split("[", 1)[0]
+    if root.startswith("workflow."):  # workflow.<node>.<input>: the loader's input names the kind
+        root = root.rsplit(".", 1)[-1]
+    kind = FIELD_KINDS.get(root)
+    return f"{FOLDER_LABELS[kind]}s" if kind else "model folders"
 
 
 def _comfy_image(name: str, entry: dict) -> dict:
@@ -604,7 +680,9 @@ def _run_job(worker: Worker | None, job: dict, stop: threading.Event) -> dict:
     try:
         worker = worker or get_worker()
     except Exception as exc:  # bad QWEN_EDIT_* / RUNPOD_STORAGE_* values
-        error = WorkerError("CONFIG_ERROR", str(exc), fix="fix the endpoint's environment variables")
+        log.error("the worker's environment can't be used: %s", exc)
+        message = without_paths(str(exc))
+        error = WorkerError("CONFIG_ERROR", message, fix="fix the endpoint's environment variables")
         return {"error": error.to_dict()}
     return worker.run(job, stop)
 

@@ -31,13 +31,15 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from PIL import Image
 
 from qwen_edit.paths import UnsafeModelNameError, check_model_name, confine
 
 from . import storage
+from .deadline import DeadlinePassed, call_by
+from .public import without_paths
 from .schema import ImageSource, WorkerError
 
 FORMATS = ("PNG", "JPEG", "WEBP")
@@ -136,12 +138,15 @@ def load_source(
     elif source.kind == "url":
         data = fetch_url(source.value, source.field, policy, limits, deadline)
     else:
-        data = read_object(source.value, source.field, store, limits.max_bytes)
+        data = read_object(source.value, source.field, store, limits.max_bytes, deadline)
     return decode_image(data, source.field, limits)
 
 
-def read_object(key: str, field: str, store: storage.StorageConfig, max_bytes: int) -> bytes:
-    """An object from the configured bucket (runners.worker.storage), under the size cap."""
+def read_object(
+    key: str, field: str, store: storage.StorageConfig, max_bytes: int, deadline: float | None = None
+) -> bytes:
+    """An object from the configured bucket (runners.worker.storage), under the size cap, by the
+    deadline (a store that never answers costs the job its deadline, not botocore's retries)."""
     if not store.configured:
         raise WorkerError(
             "STORAGE_NOT_CONFIGURED",
@@ -150,7 +155,18 @@ def read_object(key: str, field: str, store: storage.StorageConfig, max_bytes: i
             fix="set RUNPOD_STORAGE_* on the endpoint, or send image_base64",
         )
     try:
-        return storage.download_bytes(store, key, max_bytes)
+        if deadline is None:
+            return storage.download_bytes(store, key, max_bytes)
+        bounded = store.bounded_by(deadline - time.monotonic())
+        return call_by(deadline, lambda: storage.download_bytes(bounded, key, max_bytes))
+    except DeadlinePassed:
+        raise WorkerError(
+            "IMAGE_FETCH_FAILED",
+            f"the store did not deliver {key!r} before the job's deadline",
+            field=field,
+            retryable=True,
+            fix="check that the store answers, or raise timeout",
+        ) from None
     except storage.StorageTooLargeError as exc:
         raise WorkerError("IMAGE_TOO_LARGE", str(exc), field=field) from None
     except storage.StorageConfigError as exc:  # outside the allowed input prefix
@@ -160,7 +176,7 @@ def read_object(key: str, field: str, store: storage.StorageConfig, max_bytes: i
             "IMAGE_FETCH_FAILED",
             str(exc),
             field=field,
-            retryable=True,
+            retryable=not exc.client_fault,
             fix="check the key and the bucket (the object must exist)",
         ) from None
 
@@ -221,16 +237,16 @@ def read_named(name: str, field: str, folders: Sequence[Path], max_bytes: int) -
                         field=field,
                     )
                 return path.read_bytes()
-    except UnsafeModelNameError as exc:
+    except UnsafeModelNameError as exc:  # the folders are the worker's business, not the client's
         raise WorkerError(
             "UNSAFE_NAME",
-            exc.message,
+            without_paths(exc.message, {"input folder": folders}),
             field=field,
             fix="give a file name relative to the input folder",
         ) from None
     raise WorkerError(
         "IMAGE_NOT_FOUND",
-        f"no file {name!r} in the input folders {[str(f) for f in folders]}",
+        f"no file {name!r} in the worker's input folder{'s' if len(folders) > 1 else ''}",
         field=field,
         fix="check the name, or send the image as image_base64, image_url or image_object_key",
     )
@@ -244,7 +260,8 @@ def fetch_url(
     if deadline is not None:
         stop = min(stop, deadline)
     for _hop in range(MAX_REDIRECTS + 1):
-        parts, address = check_url(url, field, policy)
+        parts, address = check_url(url, field, policy, stop)
+        parts = _ascii_url(parts, field)
         remaining = stop - time.monotonic()
         if remaining <= 0:
             raise _fetch_error(field, url, "the time limit for downloading passed")
@@ -257,15 +274,20 @@ def fetch_url(
                 raise _fetch_error(field, url, f"HTTP {status} without a Location header")
             url = urljoin(url, location)
             continue
-        if status != 200:
-            raise _fetch_error(field, url, f"HTTP {status}")
+        if status != 200:  # 4xx but 408 and 429: the URL is wrong, and trying again won't help
+            client_fault = 400 <= status < 500 and status not in (408, 429)
+            raise _fetch_error(field, url, f"HTTP {status}", retryable=not client_fault)
         return body
     raise _fetch_error(field, url, f"more than {MAX_REDIRECTS} redirects")
 
 
-def check_url(url: str, field: str, policy: UrlPolicy) -> tuple:
-    """(split URL, the checked address to connect to), or URL_NOT_ALLOWED."""
-    parts = urlsplit(url)
+def check_url(url: str, field: str, policy: UrlPolicy, deadline: float | None = None) -> tuple:
+    """(split URL, the checked address to connect to), or URL_NOT_ALLOWED. The host's name is resolved
+    by `deadline` (a name server that never answers costs the job no more)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # "Invalid IPv6 URL", ...
+        raise _bad_url(field, f"is not a valid URL ({exc})") from None
     if parts.scheme not in ("http", "https"):
         raise WorkerError(
             "URL_NOT_ALLOWED",
@@ -281,9 +303,16 @@ def check_url(url: str, field: str, policy: UrlPolicy) -> tuple:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         raise WorkerError("URL_NOT_ALLOWED", f"{url!r} has an invalid port", field=field) from None
+    host = _ascii_host(parts.hostname, field)
+
+    def resolve() -> list:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+
     try:
-        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as exc:
+        infos = resolve() if deadline is None else call_by(deadline, resolve)
+    except DeadlinePassed:
+        raise _fetch_error(field, url, f"resolving {parts.hostname!r} took past the time limit") from None
+    except OSError as exc:
         raise _fetch_error(field, url, f"cannot resolve {parts.hostname!r} ({exc})") from None
     addresses = sorted({info[4][0] for info in infos})
     for address in addresses:  # all of them: a host with one public and one private address is refused
@@ -359,13 +388,44 @@ def _get(parts, address: tuple, timeout: float, stop: float, max_bytes: int, fie
         conn.close()
 
 
-def _fetch_error(field: str, url: str, why: str) -> WorkerError:
+def _ascii_host(hostname: str, field: str) -> str:
+    """The host as DNS and the Host header take it: international names in their IDNA (xn--) form."""
+    if hostname.isascii() and all(32 < ord(c) < 127 for c in hostname):
+        return hostname
+    try:
+        return hostname.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        raise _bad_url(field, f"has a host name that is not valid ({exc})") from None
+
+
+# What may stay as it is in a request target; anything else (non-ASCII, spaces, control characters) is
+# percent-encoded from UTF-8, as browsers send such URLs.
+TARGET_SAFE = "/%:@!$&'()*+,;=-._~?#[]"
+
+
+def _ascii_url(parts, field: str):
+    """`parts` with an ASCII host and a percent-encoded path and query (http.client sends ASCII only)."""
+    host = _ascii_host(parts.hostname, field)
+    netloc = f"[{host}]" if ":" in host else host  # no credentials: check_url refused them
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    path, query = quote(parts.path, safe=TARGET_SAFE), quote(parts.query, safe=TARGET_SAFE)
+    return parts._replace(netloc=netloc, path=path, query=query)
+
+
+def _bad_url(field: str, why: str) -> WorkerError:
+    return WorkerError(
+        "INVALID_INPUT", why, field=field, fix="give a complete http(s) URL, e.g. https://example.com/a.png"
+    )
+
+
+def _fetch_error(field: str, url: str, why: str, retryable: bool = True) -> WorkerError:
     shown = url if len(url) <= 200 else url[:200] + "..."
     return WorkerError(
         "IMAGE_FETCH_FAILED",
         f"could not download {shown}: {why}",
         field=field,
-        retryable=True,
+        retryable=retryable,
         fix="check that the URL is reachable from the internet and returns the image itself",
     )
 

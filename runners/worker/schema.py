@@ -21,6 +21,7 @@ from qwen_edit.params import MAX_IMAGES, EditParams, ParameterError
 from qwen_edit.paths import UnsafeModelNameError, check_model_name
 from qwen_edit.sampling import SAMPLER_NAMES, SCHEDULER_NAMES
 
+from .public import MAX_ERRORS, MAX_FIELD, bounded, clip, shown
 from .storage import StorageConfigError, check_object_key
 
 # Stable error codes: clients branch on these, so they never change meaning.
@@ -37,7 +38,7 @@ ERROR_CODES = {
     "URL_NOT_ALLOWED": "image_url (or a redirect) is not http(s) or points at a non-public address",
     "IMAGE_FETCH_FAILED": "an image URL or object key could not be downloaded (may be retried)",
     "STORAGE_NOT_CONFIGURED": "image_object_key was given but the worker has no bucket configured",
-    "TIMEOUT": "the job's deadline (timeout) passed; the edit stopped between steps",
+    "TIMEOUT": "the job's deadline (timeout) passed; the job stopped at the next check (details.stage)",
     "CANCELLED": "the job was cancelled by the platform",
     "CUDA_UNAVAILABLE": "no usable CUDA GPU appeared; the worker is refreshed",
     "CUDA_OOM": "the GPU ran out of memory; details.suggestion holds settings that fit",
@@ -72,11 +73,18 @@ OTHER_FIELDS = (
 )
 ALL_FIELDS = (*IMAGE_FIELDS, *EDIT_FIELDS, *NAME_FIELDS, *OTHER_FIELDS)
 MAX_NAME = 255  # NAME_MAX: no file name is longer, so a longer image_name can only be data
-MAX_PROMPT = 20_000
 MAX_URL = 8192
 MAX_LORAS = 10
 LORA_STRENGTH = (-100.0, 100.0)  # ComfyUI's LoraLoaderModelOnly range
 MAX_BLOCKS = 60  # Qwen-Image has 60 transformer blocks
+MAX_STORAGE_TEXT = 2048  # a storage setting: a URL, a bucket, a key
+# The shape of the whole input, checked before anything else reads it (check_shape): every value is
+# walked once, without recursion, so no input costs more than its size.
+MAX_DEPTH = 32  # a ComfyUI editor-format workflow nests about 8 deep
+MAX_VALUES = 100_000  # values in the input; a workflow of a few hundred nodes holds some 20,000
+MAX_KEY = 256  # characters of an object key
+MAX_INT_BITS = 64  # the largest integer field, seed, is below 2**64
+DEFAULT_IMAGE_BYTES = 25 * 2**20  # images.ImageLimits.max_bytes, the worker's default
 BASE64_TEXT = re.compile(r"[A-Za-z0-9+/=_\-\s]+")
 URL_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
 FIXES = {
@@ -88,7 +96,7 @@ FIXES = {
     "sampler_name": f"use one of: {', '.join(SAMPLER_NAMES)}",
     "scheduler": f"use one of: {', '.join(SCHEDULER_NAMES)}",
     "denoise": "use a number in (0, 1]",
-    "shift": "use a number 0-100 (3.0 is the workflow's)",
+    "shift": "use a number above 0 and at most 100 (3.0 is the workflow's)",
     "width": "give width and height together, multiples of 16 from 16 to 4096, or neither",
     "height": "give width and height together, multiples of 16 from 16 to 4096, or neither",
     "batch_size": "use 1-8",
@@ -118,12 +126,13 @@ class WorkerError(Exception):
         self.retryable, self.details = retryable, details or {}
 
     def to_dict(self) -> dict:
-        out = {"code": self.code, "message": self.message}
+        """The error as the response carries it, every part bounded (runners.worker.public)."""
+        out = {"code": self.code, "message": clip(self.message)}
         if self.field is not None:
-            out["field"] = self.field
-        out["fix"] = self.fix or ERROR_CODES[self.code]
+            out["field"] = clip(self.field, MAX_FIELD)
+        out["fix"] = clip(self.fix or ERROR_CODES[self.code])
         out["retryable"] = self.retryable
-        out.update(self.details)
+        out.update(bounded(self.details))
         return out
 
 
@@ -150,16 +159,26 @@ class JobRequest:
 
 
 class _Problems:
+    """The bad fields of one request: the first MAX_ERRORS in full, the rest counted."""
+
     def __init__(self) -> None:
         self.items: list[dict] = []
+        self.more = 0
+
+    @property
+    def full(self) -> bool:
+        return len(self.items) >= MAX_ERRORS
 
     def add(self, field_name: str, message: str, code: str = "INVALID_INPUT", fix: str | None = None) -> None:
+        if self.full:
+            self.more += 1
+            return
         root = field_name.split("[", 1)[0].split(".", 1)[0]
         self.items.append(
             {
-                "field": field_name,
+                "field": clip(field_name, MAX_FIELD),
                 "code": code,
-                "message": message,
+                "message": clip(message, 500),
                 "fix": fix or FIXES.get(root) or ERROR_CODES[code],
             }
         )
@@ -172,25 +191,111 @@ class _Problems:
             return
         first = self.items[0]
         message = "; ".join(f"{p['field']}: {p['message']}" for p in self.items)
-        if len(self.items) > 1:
-            message = f"{len(self.items)} invalid fields: {message}"
-        raise WorkerError(
-            first["code"], message, field=first["field"], fix=first["fix"], details={"errors": self.items}
-        )
+        count = len(self.items) + self.more
+        if count > 1:
+            message = f"{count} invalid fields: {message}"
+        if self.more:
+            message += f"; and {self.more} more"
+        details: dict = {"errors": self.items}
+        if self.more:
+            details["errors_not_listed"] = self.more
+        raise WorkerError(first["code"], message, field=first["field"], fix=first["fix"], details=details)
 
 
-def parse_request(payload, *, max_timeout: float) -> JobRequest:
-    """Check a job's `input` and return it typed; raises WorkerError listing every bad field."""
-    if isinstance(payload, str):  # some clients send the input as a JSON string
+def image_text_limit(max_image_bytes: int) -> int:
+    """Characters of the longest image string: the base64 of `max_image_bytes`, MIME line breaks (CRLF
+    every 76 characters) and a data-URI header (the decoder checks the exact size)."""
+    encoded = (max_image_bytes + 2) // 3 * 4
+    return encoded + encoded // 38 + 1024
+
+
+def check_shape(payload, *, max_image_bytes: int = DEFAULT_IMAGE_BYTES, root: str = "input") -> None:
+    """Refuse an input whose shape alone is too much, before anything else reads it: nesting deeper
+    than MAX_DEPTH, more than MAX_VALUES values, keys longer than MAX_KEY, a string longer than an image
+    can be or text that is not Unicode (a lone surrogate), integers past MAX_INT_BITS, non-JSON
+    values, and more text in all than MAX_IMAGES images and 1 MiB. Walked once, without recursion."""
+    max_text = image_text_limit(max_image_bytes)
+    max_total = MAX_IMAGES * max_text + 2**20
+    stack = [(payload, root, 0)]
+    values = total = 0
+    while stack:
+        value, where, depth = stack.pop()
+        values += 1
+        if values > MAX_VALUES:
+            raise _shape_error(root, f"holds more than {MAX_VALUES:,} values")
+        if isinstance(value, str):
+            total += len(value)
+            if len(value) > max_text:
+                too_long = f"is {len(value):,} characters, more than any field takes ({max_text:,})"
+                raise _shape_error(where, too_long)
+            _check_text(value, where)
+        elif isinstance(value, bool) or value is None or isinstance(value, float):
+            pass
+        elif isinstance(value, int):
+            if value.bit_length() > MAX_INT_BITS:
+                raise _shape_error(where, f"is an integer of {value.bit_length()} bits; no field takes one")
+        elif isinstance(value, (Mapping, list, tuple)):
+            if depth >= MAX_DEPTH:
+                raise _shape_error(where, f"nests more than {MAX_DEPTH} levels deep")
+            if isinstance(value, Mapping):
+                for key, item in value.items():
+                    if not isinstance(key, str):
+                        raise _shape_error(where, f"has a key that is not a string ({shown(key)})")
+                    if len(key) > MAX_KEY:
+                        key_name = f"{where}.{clip(key, 40)}"
+                        raise _shape_error(key_name, f"is a key longer than {MAX_KEY} characters")
+                    _check_text(key, where)
+                    total += len(key)
+                    stack.append((item, f"{where}.{key}", depth + 1))
+            else:
+                stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
+        else:
+            raise _shape_error(where, f"is a {type(value).__name__}, not a JSON value")
+        if total > max_total:
+            raise _shape_error(root, f"holds more than {max_total:,} characters of text")
+
+
+def _check_text(text: str, where: str) -> None:
+    if text.isascii():
+        return
+    try:  # "\ud800" is valid JSON, and no text: encoders and tokenizers fail on it
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _shape_error(
+            where, f"is not valid Unicode text: a lone surrogate {text[exc.start]!r} at index {exc.start}"
+        ) from None
+
+
+def _shape_error(where: str, message: str) -> WorkerError:
+    return WorkerError(
+        "INVALID_INPUT",
+        message,
+        field=clip(where.removeprefix("input.").removeprefix("input"), MAX_FIELD) or "input",
+        fix="send a JSON object with the documented fields: text as valid Unicode, only the images large",
+    )
+
+
+def parse_input(payload, *, max_image_bytes: int = DEFAULT_IMAGE_BYTES):
+    """A job's `input` as sent (some clients send it as JSON text), its shape checked (check_shape)."""
+    if isinstance(payload, str):
+        if len(payload) > MAX_IMAGES * image_text_limit(max_image_bytes) + 2**20:
+            raise _shape_error("input", "is more text than a request can be")
         try:
             payload = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise WorkerError(
                 "INVALID_INPUT",
-                "is a string that is not JSON",
+                "is a string that is not JSON (or nests too deep)",
                 field="input",
                 fix="send input as a JSON object",
             ) from None
+    check_shape(payload, max_image_bytes=max_image_bytes)
+    return payload
+
+
+def parse_request(payload, *, max_timeout: float, max_image_bytes: int = DEFAULT_IMAGE_BYTES) -> JobRequest:
+    """Check a job's `input` and return it typed; raises WorkerError listing every bad field."""
+    payload = parse_input(payload, max_image_bytes=max_image_bytes)
     if not isinstance(payload, Mapping):
         raise WorkerError(
             "INVALID_INPUT",
@@ -211,23 +316,26 @@ def parse_request(payload, *, max_timeout: float) -> JobRequest:
     if isinstance(offload, bool):  # the seed's boolean form
         offload = "enable" if offload else "disable"
     if offload is not None and offload not in CPU_OFFLOAD_MODES:
-        problems.add("cpu_offload", f"{offload!r} is not supported")
+        problems.add("cpu_offload", f"{shown(offload)} is not supported")
     blocks = given.get("num_blocks_on_gpu")
     if blocks is not None and not _is_int(blocks, 0, MAX_BLOCKS):
-        problems.add("num_blocks_on_gpu", f"must be an integer in [0, {MAX_BLOCKS}], got {blocks!r}")
+        problems.add("num_blocks_on_gpu", f"must be an integer in [0, {MAX_BLOCKS}], got {shown(blocks)}")
     pin = given.get("use_pin_memory")
     if pin is not None and not isinstance(pin, bool):
-        problems.add("use_pin_memory", f"must be true or false, got {pin!r}")
+        problems.add("use_pin_memory", f"must be true or false, got {shown(pin)}")
     timeout = given.get("timeout")
     if timeout is not None and not _is_number(timeout, 0, max_timeout, low_open=True):
         problems.add(
             "timeout",
-            f"must be a number of seconds in (0, {max_timeout:g}], got {timeout!r}",
+            f"must be a number of seconds in (0, {max_timeout:g}], got {shown(timeout)}",
             fix=f"give the deadline in seconds, above 0 and at most {max_timeout:g}",
         )
     storage = _storage(given.get("storage"), problems)
     for key in given:  # last: a typo'd field's own error says more than "unknown"
         if key not in ALL_FIELDS:
+            if problems.full:  # counted only: a request with 50,000 unknown keys gets no 50,000 guesses
+                problems.add(str(key), "unknown field")
+                continue
             close = difflib.get_close_matches(str(key), ALL_FIELDS, n=1)
             problems.add(
                 str(key),
@@ -268,6 +376,13 @@ def _images(given: dict, problems: _Problems) -> list[ImageSource]:
                 "images",
                 f"must be a list, got {type(listed).__name__}",
                 fix="give a list of 1-3 images (strings or objects with one image field)",
+            )
+            listed = []
+        if len(listed) > MAX_IMAGES:  # counted, not read: no per-item work for a list of 100,000
+            problems.add(
+                "images",
+                f"{len(listed)} images listed; the edit takes 1 to {MAX_IMAGES}",
+                fix=f"send at most {MAX_IMAGES} images",
             )
             listed = []
         for i, item in enumerate(listed):
@@ -353,10 +468,8 @@ def _edit(given: dict, problems: _Problems) -> dict:
         edit["seed"] = None
     if "prompt" not in edit:
         problems.add("prompt", "required")
-    # Both prompts: the negative one is encoded too whenever cfg != 1, and encoding can't be stopped.
-    for name in ("prompt", "negative_prompt"):
-        if isinstance(edit.get(name), str) and len(edit[name]) > MAX_PROMPT:
-            problems.add(name, f"longer than {MAX_PROMPT} characters")
+    # Both prompts are capped (MAX_PROMPT) by EditParams below: the negative one is encoded too whenever
+    # cfg != 1, and one encoder call can't be stopped part-way.
     # One field at a time, so that each bad field gets its own error; width and height go with a
     # valid partner because EditParams wants both or neither.
     for name, value in edit.items():
@@ -379,7 +492,7 @@ def _edit(given: dict, problems: _Problems) -> dict:
 
 def _name(value, where: str, problems: _Problems) -> str | None:
     if not isinstance(value, str) or not value:
-        problems.add(where, f"must be a file name string, got {value!r}", fix="give a model file name")
+        problems.add(where, f"must be a file name string, got {shown(value)}", fix="give a model file name")
         return None
     return _safe_name(value, where, problems, "model")
 
@@ -440,14 +553,14 @@ def _loras(given: dict, problems: _Problems) -> tuple | None:
         elif isinstance(entry, list) and len(entry) == 2:
             name, power = entry
         else:
-            problems.add(where, f"must be a name, [name, strength] or {{name, strength}}, got {entry!r}")
+            problems.add(where, f"must be a name, [name, strength] or {{name, strength}}, got {shown(entry)}")
             continue
         checked = _name(name, where, problems)
         strength_field = "lora_strength" if single else f"{where}.strength"
         if not _is_number(power, *LORA_STRENGTH):
             problems.add(
                 strength_field,
-                f"must be a number in [{LORA_STRENGTH[0]:g}, {LORA_STRENGTH[1]:g}], got {power!r}",
+                f"must be a number in [{LORA_STRENGTH[0]:g}, {LORA_STRENGTH[1]:g}], got {shown(power)}",
                 fix="use a strength such as 0.8 or 1.0",
             )
             continue
@@ -477,6 +590,8 @@ def _storage(value, problems: _Problems) -> dict:
                 f"must be a {STORAGE_FIELDS[key].__name__}, got {type(item).__name__}",
                 fix="fix the value's type",
             )
+        elif isinstance(item, str) and len(item) > MAX_STORAGE_TEXT:
+            problems.add(where, f"longer than {MAX_STORAGE_TEXT} characters")
         elif item is not None:
             out[key] = item
     return out
@@ -510,16 +625,21 @@ class WorkflowRequest:
     storage: dict = field(default_factory=dict)
 
 
-def parse_workflow_request(payload: Mapping, *, max_timeout: float) -> WorkflowRequest:
+def parse_workflow_request(
+    payload: Mapping, *, max_timeout: float, max_image_bytes: int = DEFAULT_IMAGE_BYTES
+) -> WorkflowRequest:
     """Check a worker-comfyui request; raises WorkerError listing every bad field. The graph itself is
     checked by the library (qwen_edit.workflow), which names the node at fault."""
+    payload = parse_input(payload, max_image_bytes=max_image_bytes)
     problems = _Problems()
     workflow = payload.get("workflow")
     if isinstance(workflow, str):  # worker-comfyui clients send either; never a file path here
         try:
             workflow = json.loads(workflow)
-        except ValueError:
+        except (ValueError, RecursionError):
             workflow = None
+        else:
+            check_shape(workflow, max_image_bytes=max_image_bytes, root="workflow")
     if not isinstance(workflow, Mapping):
         problems.add("workflow", "must be a ComfyUI workflow: a JSON object (API or editor format)")
     images = []
@@ -546,7 +666,7 @@ def parse_workflow_request(payload: Mapping, *, max_timeout: float) -> WorkflowR
         problems.add("overrides", 'must be an object such as {"prompt": "...", "3.seed": 42}')
     timeout = payload.get("timeout")
     if timeout is not None and not _is_number(timeout, 0, max_timeout, low_open=True):
-        problems.add("timeout", f"must be a number of seconds in (0, {max_timeout:g}], got {timeout!r}")
+        problems.add("timeout", f"must be a number of seconds in (0, {max_timeout:g}], got {shown(timeout)}")
     storage = _storage(payload.get("storage"), problems)
     for key in payload:
         if key not in WORKFLOW_FIELDS:

@@ -33,9 +33,11 @@ FALSE = {"0", "false", "no", "off"}
 
 
 class StorageError(QwenEditError, RuntimeError):
-    """A storage operation failed; the message names the operation, bucket and key."""
+    """A storage operation failed; the message names the operation, bucket and key. `client_fault`: the
+    store refused the request itself (no such key or bucket, access denied): trying again won't help."""
 
     kind = "storage"
+    client_fault = False
 
 
 class StorageTooLargeError(StorageError):
@@ -131,6 +133,14 @@ class StorageConfig:
         config = replace(self, **changes)
         config.check()
         return config
+
+    def bounded_by(self, seconds: float) -> StorageConfig:
+        """These settings with each connect and read timeout at most `seconds` (at least 1 s): a call
+        given up at a deadline still ends soon after it, on its own timeouts."""
+        cap = max(1.0, seconds)
+        return replace(
+            self, connect_timeout=min(self.connect_timeout, cap), read_timeout=min(self.read_timeout, cap)
+        )
 
     def check(self) -> None:
         if self.endpoint_url is not None:
@@ -269,9 +279,9 @@ def download_bytes(config: StorageConfig, key: str, max_bytes: int, client=None)
     try:
         response = client.get_object(Bucket=config.bucket, Key=key)
     except Exception as exc:
-        raise StorageError(
-            f"download of {key!r} from bucket {config.bucket!r} failed: {_describe(exc)}"
-        ) from exc
+        error = StorageError(f"download of {key!r} from bucket {config.bucket!r} failed: {_describe(exc)}")
+        error.client_fault = _client_fault(exc)
+        raise error from exc
     size = response.get("ContentLength")
     body = response["Body"]
     try:
@@ -283,6 +293,15 @@ def download_bytes(config: StorageConfig, key: str, max_bytes: int, client=None)
     if len(data) > max_bytes:
         raise StorageTooLargeError(f"object {key!r} is more than the limit of {max_bytes} bytes")
     return data
+
+
+def _client_fault(exc: Exception) -> bool:
+    """The store answered 4xx (but not 408 or 429, which ask to try again)."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return False
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
 
 
 def _describe(exc: Exception) -> str:
