@@ -67,6 +67,8 @@ def test_kind_of_foreign_exceptions():
     assert kind_of(RuntimeError("shape mismatch")) == "runtime"
     assert kind_of(FileNotFoundError("no vocab.json")) == "model_not_found"
     assert kind_of(ImportError("transformers too old")) == "dependency"
+    assert kind_of(PermissionError(13, "Permission denied", "model.safetensors")) == "runtime"
+    assert kind_of(OSError(28, "No space left on device")) == "runtime"
     assert kind_of(KeyError("surprise")) == "internal"
     assert kind_of(MemoryError()) == "internal"  # host RAM: the worker decides what it means for itself
 

@@ -160,6 +160,7 @@ def test_each_settings_name_error_names_its_key(models, top, error, field, kind)
     "top, field",
     [
         ({"backend": "tensorrt"}, "backend"),
+        ({"device": "banana"}, "device"),
         ({"compute": "int8"}, "compute"),
         ({"num_blocks_on_gpu": "two"}, "num_blocks_on_gpu"),
         ({"use_pin_memory": "yes"}, "use_pin_memory"),
@@ -175,6 +176,15 @@ def test_a_bad_settings_file_is_a_settings_error_naming_the_key(models, top, fie
         load_settings(settings_for(models, **top))
     assert info.value.field == field and isinstance(info.value, ParameterError)  # as it always was
     assert kind_of(info.value) == "config"
+
+
+@pytest.mark.parametrize("device", ["banana", "cuda:x", "mps", ""])
+def test_a_device_that_is_not_one_is_refused_before_loading(models, device):
+    with pytest.raises(ParameterError) as info:
+        resolve_spec(load_settings(settings_for(models)), device=device)
+    assert info.value.field == "device" and "cpu, cuda or cuda:N" in info.value.message
+    for good, kept in (("cpu", "cpu"), ("cpu:0", "cpu:0"), ("auto", None)):
+        assert resolve_spec(load_settings(settings_for(models)), device=good).device == kept
 
 
 def test_settings_files_that_are_missing_or_not_yaml(tmp_path):
