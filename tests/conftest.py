@@ -1,8 +1,12 @@
-"""Shared test fixtures: where `../shared` lives, the diffusers line CI asked for, deterministic torch."""
+"""Shared test fixtures: where `../shared` lives, the diffusers line CI asked for, deterministic torch,
+the demo model's files written once per session, and how long a CLI subprocess may take here."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,3 +51,39 @@ def cuda_available() -> bool:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session")
+def qwen_edit_cache(tmp_path_factory) -> Path:
+    """A QWEN_EDIT_CACHE root holding the demo model's files, written once for the session: the CLI
+    (QWEN_EDIT_CACHE=<this>) and the library (cache_dir=<this>/qwen-edit/demo-v<N>) find them there.
+    Tests that write into the demo folder (LoRAs, copies) make their own instead."""
+    from qwen_edit.testing.demo import default_cache_dir, demo_files
+
+    root = tmp_path_factory.mktemp("qwen-edit-cache")
+    saved = os.environ.get("QWEN_EDIT_CACHE")
+    os.environ["QWEN_EDIT_CACHE"] = str(root)
+    try:
+        demo_files(default_cache_dir())
+    finally:
+        if saved is None:
+            del os.environ["QWEN_EDIT_CACHE"]
+        else:
+            os.environ["QWEN_EDIT_CACHE"] = saved
+    return root
+
+
+@pytest.fixture(scope="session")
+def subprocess_timeout() -> float:
+    """A hang guard for CLI subprocesses, derived from this machine now rather than fixed: 60 times what
+    a Python importing the CLI and the library takes here (the bulk of any CLI subprocess's time), so a
+    busy machine that makes every start slower gets a proportionally longer limit."""
+    start = time.monotonic()
+    subprocess.run(
+        [sys.executable, "-c", "import runners.cli.edit, qwen_edit.pipeline"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
+        check=True,
+        capture_output=True,
+    )
+    return 60 * (time.monotonic() - start) + 60

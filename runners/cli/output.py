@@ -19,7 +19,8 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1  # a bug: the traceback is on stderr
 EXIT_USAGE = 2  # bad flags, a bad parameter value, an unreadable input image or settings file
 EXIT_MODEL = 3  # a model file (or the tokenizer) is missing, incomplete or not the expected kind
-EXIT_RUNTIME = 4  # the machine can't run it: no/unsupported GPU, Nunchaku mismatch, out of memory, disk full
+EXIT_RUNTIME = 4  # the machine can't run it: no/unsupported GPU, Nunchaku mismatch, out of memory, disk full,
+# an output folder that takes no files
 EXIT_NETWORK = 5  # the Hugging Face hub could not be reached, or a download failed its size check
 EXIT_CANCELLED = 130  # Ctrl-C (128 + SIGINT, as shells and comfy-cli report it)
 
@@ -28,7 +29,7 @@ EXIT_CODES = {
     EXIT_INTERNAL: "internal error (a bug; traceback on stderr)",
     EXIT_USAGE: "usage or bad input: flags, parameter values, input images, settings or batch files",
     EXIT_MODEL: "model files missing, incomplete or of the wrong kind",
-    EXIT_RUNTIME: "runtime or hardware: GPU, Nunchaku, out of memory, disk space",
+    EXIT_RUNTIME: "runtime or hardware: GPU, Nunchaku, out of memory, disk full, output folder not writable",
     EXIT_NETWORK: "network or hub error, or a download that failed verification",
     EXIT_CANCELLED: "cancelled (Ctrl-C)",
 }
@@ -105,9 +106,11 @@ def cli_error(
 
     kind = kind_of(exc)
     code, exit_code, default_fix = KIND_ERRORS[kind]
+    if kind == "parameter" and str(getattr(exc, "field", "")).startswith("images"):
+        code = "bad_image"  # a picture the loader can't read: what the check before loading calls it
     message = f"{type(exc).__name__}: {exc}" if kind in ("cuda_error", "runtime", "internal") else str(exc)
     extra: dict = {}
-    if kind in ("parameter", "config") and getattr(exc, "field", None):
+    if getattr(exc, "field", None):  # the parameter, setting or model slot at fault
         extra["field"] = exc.field
     if getattr(exc, "suggestion", None) is not None:
         extra["suggestion"] = exc.suggestion
