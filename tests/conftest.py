@@ -74,6 +74,15 @@ def qwen_edit_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_dir(qwen_edit_cache) -> Path:
+    """The demo model's folder (written once per session, see qwen_edit_cache), for `cache_dir=`.
+    Read only: a test that writes into a demo folder copies this one first."""
+    from qwen_edit.testing.demo import DEMO_VERSION
+
+    return qwen_edit_cache / "qwen-edit" / f"demo-v{DEMO_VERSION}"
+
+
+@pytest.fixture(scope="session")
 def subprocess_timeout() -> float:
     """A hang guard for CLI subprocesses, derived from this machine now rather than fixed: 60 times what
     a Python importing the CLI and the library takes here (the bulk of any CLI subprocess's time), so a

@@ -21,11 +21,6 @@ def picture(w: int, h: int, seed: int = 0) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("demo")
-
-
-@pytest.fixture(scope="module")
 def pipe(demo_dir):
     return QwenEditPipeline.demo(cache_dir=demo_dir)
 

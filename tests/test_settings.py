@@ -227,10 +227,13 @@ def test_paths_are_taken_only_where_the_caller_allows_them(models, tmp_path, mon
         resolve_spec(settings, loras=[(str(elsewhere / "mine.safetensors"), 1.0)])
 
 
-def test_the_demo_as_settings_and_a_pipeline_built_from_the_spec(tmp_path):
+def test_the_demo_as_settings_and_a_pipeline_built_from_the_spec(tmp_path, demo_dir):
+    import shutil
+
     from qwen_edit import QwenEditPipeline
     from qwen_edit.testing.demo import DEMO_OUTPUT_MEGAPIXELS, DEMO_REFERENCE_AREA
 
+    shutil.copytree(demo_dir, tmp_path / "demo")  # the session's files; a LoRA is added below
     settings = demo_settings(tmp_path / "demo", [{"num_blocks_on_gpu": 2}])
     assert settings.demo and settings.text_encoder_config and settings.num_blocks_on_gpu == 2
     gen = torch.Generator().manual_seed(0)
