@@ -90,6 +90,28 @@ def test_refusals_before_loading_name_the_node(demo, tmp_path, capsys):
     assert code == 2 and "NAME=PATH" in lines[-1]["error"]["message"]
 
 
+def test_the_model_files_are_checked_before_loading(demo, tmp_path, capsys):
+    """--dry-run (and a run, before it loads) finds the loaders' files and reads their headers."""
+    picture = tmp_path / "in.png"
+    PICTURES["pic1.png"].save(picture)
+    workflow = workflow_file(tmp_path, seed_api(1))
+    (tmp_path / "empty").mkdir()
+    empty = str(tmp_path / "empty")
+    args = ["run", workflow, "--image", f"pic1.png={picture}", "--models-dir", empty, "--dry-run"]
+    code, lines = run(args, capsys)
+    assert code == 3 and lines[-1]["error"]["code"] == "model_not_found"
+
+    broken = tmp_path / "broken"
+    shutil.copytree(demo, broken)
+    (broken / "qwen_image_vae_demo.safetensors").write_text("not a VAE\n")
+    for dry_run in (["--dry-run"], []):
+        args = ["run", workflow, "--demo", "--cache-dir", str(broken), "--image", f"pic1.png={picture}"]
+        code, lines = run([*args, "-o", str(tmp_path / "out"), *dry_run], capsys)
+        error = lines[-1]["error"]
+        assert code == 3 and (error["code"], error["details"]["field"]) == ("model_invalid", "vae")
+        assert not [e for e in lines if e.get("type") == "loading"] and not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_run_in_a_real_process(demo, tmp_path, subprocess_timeout):
     from twins import cli_command
