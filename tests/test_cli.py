@@ -444,6 +444,25 @@ def test_help_text_names_each_default(capsys):
     assert "(default: 4; --steps 4 8 for both)" in " ".join(capsys.readouterr().out.split())
 
 
+def test_the_readme_documents_every_exit_code_and_error_code():
+    import re
+
+    from runners.cli.output import ERROR_CODES, EXIT_CODES, KIND_ERRORS
+
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("### Exit codes") :]
+    assert {int(code) for code in re.findall(r"^\| (\d+) \|", table, re.M)} == set(EXIT_CODES)
+    assert [code for code in ERROR_CODES if f"`{code}`" not in readme] == []
+    raised = {code for code, _, _ in KIND_ERRORS.values()}
+    for path in (REPO / "runners/cli").glob("*.py"):  # the codes the CLI's own errors use
+        text = path.read_text()
+        for pair in re.findall(r'CliError\(\s*"([a-z_]+)"(?: if \w+ else "([a-z_]+)")?', text):
+            raised |= set(pair) - {""}
+        raised |= set(re.findall(r'\(errors\.\w+, "([a-z_]+)"', text))  # download's hub errors
+    assert {"disk_full", "output_not_writable", "hub_unauthorized", "usage"} <= raised  # the patterns work
+    assert raised - set(ERROR_CODES) == set()
+
+
 # -- the batch runner, in-process with a stand-in pipeline ----------------------------------------------
 
 

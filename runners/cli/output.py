@@ -35,6 +35,16 @@ EXIT_CODES = {
 }
 
 
+# Every `code` an error can have in `--json` (the README lists them; tests/test_cli.py checks both).
+ERROR_CODES = (
+    "usage", "bad_parameter", "bad_config", "config_not_found", "bad_model_name", "image_not_found",
+    "bad_image", "bad_workflow", "model_not_found", "model_invalid", "unsupported_hardware",
+    "missing_dependency", "out_of_memory", "runtime_error", "output_not_writable", "disk_full",
+    "not_ready", "network_error", "offline", "hub_error", "hub_file_not_found", "hub_repo_not_found",
+    "hub_unauthorized", "download_incomplete", "size_mismatch", "checksum_mismatch", "insufficient_disk",
+    "cancelled", "internal_error",
+)  # fmt: skip
+
 # The library's error kinds (qwen_edit.errors.KINDS) -> (error code, exit code, fix). `cli_error` is
 # the only place the CLI looks at what the library raised.
 KIND_ERRORS = {
