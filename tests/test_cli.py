@@ -297,6 +297,7 @@ BEFORE_LOADING = [
     (["--config", "missing.yaml", "--no-demo"], 2, "config_not_found", None),
     (["--device", "banana"], 2, "bad_parameter", "device"),
     (["--num-blocks-on-gpu", "-3"], 2, "bad_parameter", "num_blocks_on_gpu"),
+    (["--offload", "enable", "--num-blocks-on-gpu", "99"], 2, "bad_parameter", "num_blocks_on_gpu"),
     (["--images-after", "cut.jpg"], 2, "bad_image", "images"),
     (["--images-after", "huge.png"], 2, "bad_image", "images"),
     (["--images-after", "nope.png"], 2, "image_not_found", "images"),

@@ -5,7 +5,8 @@ costs seconds, not minutes of loading, and ends with the same error as if it had
   which reads no JPEG data; a picture too large to decode is refused as PIL refuses it);
 - model files: each is a complete safetensors file (header readable, every byte it promises there)
   of the kind its slot needs (an SVDQ transformer, a Qwen2.5-VL text encoder, a Qwen-Image VAE), read
-  from the headers only; LoRAs are readable safetensors files;
+  from the headers only; LoRAs are readable safetensors files; --num-blocks-on-gpu is at most the
+  transformer's number of blocks;
 - the device exists on this machine (`--device cuda` without a GPU).
 Parameter values, the batch file, the output template and folder are checked where they are read
 (edit.build_jobs, saving.check_template). Every failure is the library's error or a CliError, so it
@@ -45,7 +46,7 @@ def bad_image(message: str) -> CliError:
 
 def check_model_files(spec: PipelineSpec) -> None:
     """Each model file's header: a complete safetensors file of the kind its slot takes."""
-    from qwen_edit.errors import QwenEditError
+    from qwen_edit.errors import ParameterError, QwenEditError
 
     checks = (
         ("transformer", spec.files.transformer, _transformer),
@@ -56,9 +57,15 @@ def check_model_files(spec: PipelineSpec) -> None:
         if path is None or Path(path).is_dir():  # a diffusers folder: its loader reads its index
             continue
         try:
-            check(Path(path))
+            found = check(Path(path))
         except QwenEditError as exc:
             raise cli_error(exc, details={"field": slot}) from exc
+        if slot == "transformer" and spec.num_blocks_on_gpu > found.num_layers:
+            error = ParameterError(
+                "num_blocks_on_gpu", f"must be in [0, {found.num_layers}] for this transformer, got "
+                f"{spec.num_blocks_on_gpu}",
+            )  # fmt: skip
+            raise cli_error(error)
     for i, lora in enumerate(spec.loras):
         try:
             _lora(lora.path)
@@ -88,11 +95,11 @@ def _header(path: Path):
     return read_header(path)
 
 
-def _transformer(path: Path) -> None:
+def _transformer(path: Path):
     from qwen_edit.svdq.checkpoint import read_checkpoint
 
     _header(path)
-    read_checkpoint(path)  # CheckpointError: not an SVDQ transformer, and what it looks like
+    return read_checkpoint(path)  # CheckpointError: not an SVDQ transformer, and what it looks like
 
 
 def _text_encoder(path: Path) -> None:
