@@ -43,15 +43,34 @@ class Result:
     stderr: str
 
 
+@pytest.fixture(scope="module")
+def loaded() -> dict:
+    """Pipelines this module has loaded, by what they were loaded from (see `cli`)."""
+    return {}
+
+
 @pytest.fixture
-def cli(qwen_edit_cache, tmp_path, monkeypatch, capsys):
+def cli(qwen_edit_cache, tmp_path, monkeypatch, capsys, loaded):
     """`cli(*args)`: the command in this process, in a fresh folder, the session's demo files as its
-    cache, no model folder or setting from the environment."""
+    cache, no model folder or setting from the environment. A pipeline is loaded once per module for
+    the same files and options (the command still goes through its loading step and events): loading
+    is most of a demo edit's time, and what the tests check is the command, not the loader."""
+    from qwen_edit import QwenEditPipeline
+
     for key in list(os.environ):
         if key.startswith("QWEN_EDIT_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("QWEN_EDIT_CACHE", str(qwen_edit_cache))
     monkeypatch.chdir(tmp_path)
+    load = QwenEditPipeline.from_spec
+
+    def from_spec(cls, spec):
+        key = repr(spec)
+        if key not in loaded:
+            loaded[key] = load(spec)
+        return loaded[key]
+
+    monkeypatch.setattr(QwenEditPipeline, "from_spec", classmethod(from_spec))
 
     def run(*args: str) -> Result:
         capsys.readouterr()
@@ -276,15 +295,24 @@ def test_edit_json_batch_file_loads_the_models_once(cli, pictures, tmp_path):
 # -- edit: mistakes, caught before loading ----------------------------------------------------------
 
 
-def _bad_inputs(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory) -> Path:
     """A truncated JPEG (PIL's verify() passes it), a picture too large to decode, a text file named
-    .safetensors, a file where the output folder should be."""
+    .safetensors, a file where the output folder should be; made once (the large picture takes a
+    second to encode), linked into each test's folder."""
+    folder = tmp_path_factory.mktemp("bad-inputs")
     buffer = io.BytesIO()
     Image.new("RGB", (96, 64), (10, 200, 30)).save(buffer, "JPEG")
-    (tmp_path / "cut.jpg").write_bytes(buffer.getvalue()[:-30])
-    Image.new("1", (20000, 20000)).save(tmp_path / "huge.png")  # 400 MP, a few KB on disk
-    (tmp_path / "notes.safetensors").write_text("not a model\n")
-    (tmp_path / "a-file").write_text("")
+    (folder / "cut.jpg").write_bytes(buffer.getvalue()[:-30])
+    Image.new("1", (20000, 20000)).save(folder / "huge.png")  # 400 MP, a few KB on disk
+    (folder / "notes.safetensors").write_text("not a model\n")
+    (folder / "a-file").write_text("")
+    return folder
+
+
+def _link_bad_inputs(folder: Path, tmp_path: Path) -> None:
+    for path in folder.iterdir():
+        (tmp_path / path.name).symlink_to(path)
     (tmp_path / "empty-models").mkdir()
 
 
@@ -313,8 +341,10 @@ BEFORE_LOADING = [
 @pytest.mark.parametrize(("args", "code", "error", "field"), BEFORE_LOADING,
                          ids=[" ".join(a[0]) for a in BEFORE_LOADING])  # fmt: skip
 @pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
-def test_edit_mistakes_are_caught_before_loading(cli, pictures, tmp_path, args, code, error, field, dry_run):
-    _bad_inputs(tmp_path)
+def test_edit_mistakes_are_caught_before_loading(
+    cli, pictures, bad_inputs, tmp_path, args, code, error, field, dry_run
+):
+    _link_bad_inputs(bad_inputs, tmp_path)
     images = ["a.png"]
     if args[0] == "--images-after":
         images, args = [args[1]], []
@@ -692,6 +722,9 @@ def test_edit_in_a_real_process(run_subprocess, pictures, tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = ndjson(proc.stdout)  # nothing but NDJSON on stdout, even from a real process
     assert lines[-1]["data"]["outputs"] == ["e.png"] and png_parameters(tmp_path / "e.png")["seed"] == 1
+    again = run_subprocess("edit", "--from", "e.png", "-o", "again.png")  # another process, another load
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "e.png").read_bytes()
     bad = run_subprocess("edit", "a.png", "-p", "x", "--demo", "--device", "banana")
     assert bad.returncode == 2 and "device" in bad.stderr and "Traceback" not in bad.stderr
 
