@@ -13,6 +13,15 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+# One CPU thread for torch, here and in the CLI processes tests start (QWEN_EDIT_TEST_THREADS to change).
+# The models under test are tiny, so a second thread gains little, and on a busy machine it costs a lot:
+# torch's OpenMP threads wait for each other at every parallel region, and when another process holds
+# one of the cores they wait a scheduler slice each time; on a loaded 2-core machine the CLI tests ran
+# 5x slower with 2 threads than with 1 (single edits up to 40x).
+TEST_THREADS = os.environ.get("QWEN_EDIT_TEST_THREADS", "1")
+os.environ["OMP_NUM_THREADS"] = TEST_THREADS
+torch.set_num_threads(int(TEST_THREADS))
 # The reference data sits beside the checkout (`../shared`); QWEN_EDIT_SHARED overrides it.
 SHARED = Path(os.environ.get("QWEN_EDIT_SHARED", REPO.parent / "shared"))
 
