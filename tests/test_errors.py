@@ -107,3 +107,9 @@ def test_the_cli_names_library_errors_by_kind():
         "RuntimeError: "
     )
     assert cli_error(KeyError("x")).exit_code == 1
+    # A picture the loader can't read is what the check before loading calls it (bad_image, exit 2).
+    late = cli_error(errors.ParameterError("images[0]", "cannot be read as an image (truncated)"))
+    assert (late.code, late.exit_code, late.details["field"]) == ("bad_image", 2, "images[0]")
+    full = cli_error(OSError(28, "No space left on device"))
+    assert (full.code, full.exit_code) == ("runtime_error", 4)  # no longer "a bug"
+    assert cli_error(errors.ModelNotFoundError("no vae", field="vae")).details == {"field": "vae"}
