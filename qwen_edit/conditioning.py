@@ -23,6 +23,11 @@ from PIL import Image, ImageOps, PngImagePlugin
 REFERENCE_AREA = 1024 * 1024  # nodes_qwen.py: the VAE reference image's pixel budget
 OUTPUT_MEGAPIXELS = 1.0  # the workflow's ImageScaleToTotalPixels(image1, "lanczos", 1.0)
 LATENT_MULTIPLE = 8
+# The longest side of an automatic output size: the cap an explicit width/height has (params.MAX_SIDE),
+# so a very wide or tall picture 1 doesn't become a 16000-pixel-wide output at one megapixel.
+MAX_OUTPUT_SIDE = 4096
+# File suffix -> PIL format of an output picture. Only PNG carries the parameters (a text chunk).
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
 def open_image(image: Image.Image | str | Path | bytes) -> Image.Image:
@@ -76,12 +81,21 @@ def scale_to_megapixels(image: Image.Image, megapixels: float = OUTPUT_MEGAPIXEL
     return image.resize(megapixel_size(*image.size, megapixels), Image.Resampling.LANCZOS)
 
 
+def capped_size(width: int, height: int, max_side: int = MAX_OUTPUT_SIDE) -> tuple[int, int]:
+    """(width, height) scaled down, aspect kept, so that neither side exceeds `max_side`."""
+    longest = max(width, height)
+    if longest <= max_side:
+        return width, height
+    scale = max_side / longest
+    return max(LATENT_MULTIPLE, round(width * scale)), max(LATENT_MULTIPLE, round(height * scale))
+
+
 def output_size(
     image: Image.Image, width: int | None, height: int | None, megapixels: float = OUTPUT_MEGAPIXELS
 ) -> tuple[int, int]:
     """(width, height) of `output_pixels` without resampling anything: all a pure-noise edit needs."""
     if width is None or height is None:
-        width, height = megapixel_size(*image.size, megapixels)
+        width, height = capped_size(*megapixel_size(*image.size, megapixels))
     return width // LATENT_MULTIPLE * LATENT_MULTIPLE, height // LATENT_MULTIPLE * LATENT_MULTIPLE
 
 
@@ -91,10 +105,13 @@ def output_pixels(
     """The image VAEEncode turns into the output latent: [1, 3, H, W] in [-1, 1], sides multiples of 8.
 
     Without an explicit size it is image1 at one megapixel (the workflow's ImageScaleToTotalPixels),
-    centre-cropped to multiples of 8 as VAEEncode does; with one, image1 resized to exactly that size.
+    no side over MAX_OUTPUT_SIDE, centre-cropped to multiples of 8 as VAEEncode does; with one, image1
+    resized to exactly that size.
     """
     if width is None or height is None:
-        resized = scale_to_megapixels(image, megapixels)
+        size = megapixel_size(*image.size, megapixels)
+        capped = capped_size(*size)
+        resized = image.resize(capped, Image.Resampling.LANCZOS)
     else:
         resized = image.resize((width, height), Image.Resampling.LANCZOS)
     pixels = to_tensor(resized).permute(2, 0, 1)[None] * 2 - 1
@@ -120,6 +137,18 @@ def png_bytes(image: Image.Image, parameters: dict) -> bytes:
     info.add_text("parameters", json.dumps(parameters, sort_keys=True))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info, compress_level=4)
+    return buffer.getvalue()
+
+
+def encode_image(image: Image.Image, format: str = "PNG", metadata: dict | None = None) -> bytes:
+    """`image` as PNG (with `metadata` as `png_bytes` embeds it), JPEG or WebP (no metadata; quality 95)."""
+    format = format.upper()
+    if format == "PNG":
+        return png_bytes(image, metadata or {})
+    if format not in ("JPEG", "WEBP"):
+        raise ValueError(f"unsupported image format {format!r}; one of PNG, JPEG, WEBP")
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format=format, quality=95)
     return buffer.getvalue()
 
 

@@ -203,6 +203,6 @@ def kind_of(exc: BaseException) -> str:
         return "model_not_found"
     if isinstance(exc, ImportError):
         return "dependency"
-    if isinstance(exc, RuntimeError):
+    if isinstance(exc, (RuntimeError, OSError)):  # OSError: a file not readable, a disk full
         return "runtime"
     return "internal"

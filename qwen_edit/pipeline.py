@@ -63,11 +63,23 @@ class EditResult:
 
     def png_bytes(self, index: int = 0) -> bytes:
         """Image `index` as PNG, the generation parameters embedded as JSON (text chunk `parameters`)."""
-        return conditioning.png_bytes(self.images[index], {**self.parameters, "batch_index": index})
+        return self.encode(index)
 
-    def save(self, path: str | Path) -> list[Path]:
-        """Write PNGs: `path` itself for one image, `stem_0.png`, `stem_1.png`, ... for several."""
+    def metadata(self, index: int = 0, extra: Mapping | None = None) -> dict:
+        """What image `index`'s PNG embeds: the parameters, its batch index, and `extra` (provenance)."""
+        return {**self.parameters, "batch_index": index, **(extra or {})}
+
+    def encode(self, index: int = 0, format: str = "PNG", extra: Mapping | None = None) -> bytes:
+        """Image `index` as PNG with `metadata(index, extra)` embedded, or as JPEG / WebP (no metadata)."""
+        return conditioning.encode_image(self.images[index], format, self.metadata(index, extra))
+
+    def save(self, path: str | Path, extra: Mapping | None = None) -> list[Path]:
+        """Write `path` itself for one image, `stem_0.png`, `stem_1.png`, ... for several; the suffix
+        picks the format (.png, the default, with the parameters; .jpg/.jpeg/.webp without)."""
         path = Path(path)
+        suffix = path.suffix.lower() or ".png"
+        if suffix not in conditioning.IMAGE_FORMATS:
+            raise ParameterError("path", f"unknown image suffix {suffix!r}; use one of .png, .jpg, .webp")
         path.parent.mkdir(parents=True, exist_ok=True)
         if len(self.images) == 1:
             targets = [path]
@@ -76,7 +88,7 @@ class EditResult:
                 path.with_name(f"{path.stem}_{i}{path.suffix or '.png'}") for i in range(len(self.images))
             ]
         for i, target in enumerate(targets):
-            target.write_bytes(self.png_bytes(i))
+            target.write_bytes(self.encode(i, conditioning.IMAGE_FORMATS[suffix], extra))
         return targets
 
 
@@ -718,7 +730,7 @@ def _open_images(images) -> list[Image.Image]:
     for i, image in enumerate(images):
         try:
             opened.append(conditioning.open_image(image))
-        except (OSError, TypeError, ValueError) as exc:
+        except (OSError, TypeError, ValueError, Image.DecompressionBombError) as exc:
             raise ParameterError(f"images[{i}]", f"cannot be read as an image ({exc})") from exc
     return opened
 

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
 import yaml
 
 from .backend import BACKENDS, COMPUTES, TEXT_ENCODER_COMPUTES
@@ -288,8 +289,7 @@ def resolve_spec(
     """
     if device is not None and not isinstance(device, str):
         device = str(device)  # a torch.device
-    device = settings.device if device is None else device
-    device = None if device == "auto" else device
+    device = _device("device", settings.device if device is None else device)
 
     def pick(name: str, value: Any) -> Any:
         return getattr(settings, name) if value is None else value
@@ -354,6 +354,19 @@ def resolve_lora(
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ParameterError(name, f"{value!r} is not supported; choose one of: {', '.join(allowed)}")
+    return value
+
+
+def _device(name: str, value: Any) -> str | None:
+    """The device: `auto` (None: CUDA if present, else the CPU), or one torch names: cpu, cuda, cuda:N."""
+    if value == "auto":
+        return None
+    try:
+        kind = torch.device(value).type if isinstance(value, str) else None
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ParameterError(name, f"{value!r} is not a device; use auto, cpu, cuda or cuda:N")
     return value
 
 
@@ -439,7 +452,7 @@ def load_settings(config: str | Path | Mapping | list) -> Settings:
         settings = Settings(
             folders=ModelFolders.from_extra_model_paths(config["model_paths"], base_dir),
             models=models,
-            device=str(config.get("device", "auto")),
+            device=_device("device", str(config.get("device", "auto"))) or "auto",
             backend=_choice("backend", config.get("backend", "auto"), BACKENDS),
             compute=_choice("compute", config.get("compute", "auto"), COMPUTES),
             text_encoder_compute=_choice(

@@ -7,6 +7,9 @@ GET /api/models/<repo>/tree/<rev>/<folder>. The CDN is addressed as `localhost` 
 `127.0.0.1`, so the two are different hosts and the token must not travel to the CDN. It can cut a
 transfer short, answer 503, or advertise a size its bytes don't have. The server stops itself after
 a few minutes even if a test never shuts it down.
+
+These tests run the command in a real process: huggingface_hub reads $HF_ENDPOINT and the token
+settings when it is imported, so each run needs its own interpreter to meet the fake hub.
 """
 
 from __future__ import annotations
@@ -33,13 +36,22 @@ COMFY = "Comfy-Org/Qwen-Image_ComfyUI"
 QWEN = "Qwen/Qwen-Image-Edit-2509"
 
 
-def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 120):
+TIMEOUT = {"seconds": 600.0}  # replaced per session by conftest's subprocess_timeout (see _timeout)
+
+
+@pytest.fixture(autouse=True)
+def _timeout(subprocess_timeout):
+    TIMEOUT["seconds"] = subprocess_timeout
+
+
+def run_cli(args: list[str], cwd: Path, env: dict | None = None):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "QWEN_EDIT_"))}
     full_env.update(PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     full_env.update(env or {})
     return subprocess.run(
-        [*cli_command(), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+        [*cli_command(), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+        timeout=TIMEOUT["seconds"],
+    )  # fmt: skip
 
 
 def events(stdout: str) -> list[dict]:
@@ -250,6 +262,7 @@ EXPECTED = {
     "text_encoders/tokenizer/merges.txt": (QWEN, "tokenizer/merges.txt"),
     "text_encoders/tokenizer/tokenizer_config.json": (QWEN, "tokenizer/tokenizer_config.json"),
 }
+DEFAULT = {target: source for target, source in EXPECTED.items() if "8steps" not in target}  # no --steps
 
 
 def test_dry_run_lists_the_files_and_writes_nothing(hub, tmp_path):
@@ -265,8 +278,8 @@ def test_dry_run_lists_the_files_and_writes_nothing(hub, tmp_path):
     data = lines[-1]["data"]
     assert data["dry_run"] and data["precision"] == "int4" and lines[-1]["ok"]
     files = {f["target"]: f for f in data["files"]}
-    assert set(files) == set(EXPECTED)
-    for target, (repo, path) in EXPECTED.items():
+    assert set(files) == set(DEFAULT)  # the 4-step transformer only, unless --steps says more
+    for target, (repo, path) in DEFAULT.items():
         assert (files[target]["repo"], files[target]["path"]) == (repo, path)
         assert files[target]["size"] == len(hub.files[(repo, path)]["content"])
         assert files[target]["status"] == "would_download"
@@ -285,11 +298,17 @@ def test_dry_run_lists_the_files_and_writes_nothing(hub, tmp_path):
     assert "svdq-fp4_r128-qwen-image-edit-2509-lightningv2.0-8steps.safetensors" in human.stdout
     assert "4steps" not in human.stdout and "to fetch" in human.stdout and not models.exists()
 
+    both = run_cli(["download", "--models-dir", str(models), "--precision", "int4", "--steps", "4", "8",
+                    "--dry-run", "--json"], tmp_path, hub_env(hub, tmp_path))  # fmt: skip
+    assert both.returncode == 0, both.stderr
+    assert {f["target"] for f in events(both.stdout)[-1]["data"]["files"]} == set(EXPECTED)
+
 
 def test_download_into_the_comfyui_layout_then_nothing_to_do(hub, tmp_path):
     models = tmp_path / "models"
     env = hub_env(hub, tmp_path)
-    proc = run_cli(["download", "--models-dir", str(models), "--precision", "int4", "--json"], tmp_path, env)
+    args = ["download", "--models-dir", str(models), "--precision", "int4", "--steps", "4", "8", "--json"]
+    proc = run_cli(args, tmp_path, env)
     assert proc.returncode == 0, proc.stderr
     lines = events(proc.stdout)
     for target, key in EXPECTED.items():
@@ -319,7 +338,7 @@ def test_download_into_the_comfyui_layout_then_nothing_to_do(hub, tmp_path):
     assert find_tokenizer(Path(kwargs["text_encoder"])) == (models / "text_encoders/tokenizer").resolve()
 
     hub.requests.clear()
-    again = run_cli(["download", "--models-dir", str(models), "--precision", "int4", "--json"], tmp_path, env)
+    again = run_cli(args, tmp_path, env)
     assert again.returncode == 0, again.stderr
     skipped = [e for e in events(again.stdout) if e["type"] == "skipped"]
     assert {e["target"] for e in skipped} == set(EXPECTED)

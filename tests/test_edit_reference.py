@@ -47,8 +47,8 @@ def picture(w: int, h: int, seed: int) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    return QwenEditPipeline.demo(cache_dir=tmp_path_factory.mktemp("demo"))
+def pipe(demo_dir):
+    return QwenEditPipeline.demo(cache_dir=demo_dir)  # the session's demo files (conftest)
 
 
 @torch.no_grad()

@@ -67,6 +67,8 @@ def test_kind_of_foreign_exceptions():
     assert kind_of(RuntimeError("shape mismatch")) == "runtime"
     assert kind_of(FileNotFoundError("no vocab.json")) == "model_not_found"
     assert kind_of(ImportError("transformers too old")) == "dependency"
+    assert kind_of(PermissionError(13, "Permission denied", "model.safetensors")) == "runtime"
+    assert kind_of(OSError(28, "No space left on device")) == "runtime"
     assert kind_of(KeyError("surprise")) == "internal"
     assert kind_of(MemoryError()) == "internal"  # host RAM: the worker decides what it means for itself
 
@@ -105,3 +107,9 @@ def test_the_cli_names_library_errors_by_kind():
         "RuntimeError: "
     )
     assert cli_error(KeyError("x")).exit_code == 1
+    # A picture the loader can't read is what the check before loading calls it (bad_image, exit 2).
+    late = cli_error(errors.ParameterError("images[0]", "cannot be read as an image (truncated)"))
+    assert (late.code, late.exit_code, late.details["field"]) == ("bad_image", 2, "images[0]")
+    full = cli_error(OSError(28, "No space left on device"))
+    assert (full.code, full.exit_code) == ("runtime_error", 4)  # no longer "a bug"
+    assert cli_error(errors.ModelNotFoundError("no vae", field="vae")).details == {"field": "vae"}

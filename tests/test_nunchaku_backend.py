@@ -311,8 +311,8 @@ def test_offload_enable_disable_enable_and_loras_after_offload(files, emulated, 
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return demo_files(tmp_path_factory.mktemp("demo"))
+def demo(demo_dir):
+    return demo_files(demo_dir)  # the session's demo files (conftest)
 
 
 def picture(seed: int):

@@ -133,11 +133,6 @@ def test_explicit_settings_and_errors():
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("demo")
-
-
-@pytest.fixture(scope="module")
 def demo(demo_dir):
     return QwenEditPipeline.demo(cache_dir=demo_dir)
 

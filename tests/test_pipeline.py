@@ -22,11 +22,6 @@ def picture(w: int, h: int, seed: int = 0) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("demo")
-
-
-@pytest.fixture(scope="module")
 def pipe(demo_dir):
     return QwenEditPipeline.demo(cache_dir=demo_dir)
 
@@ -236,6 +231,34 @@ def test_conditioning_sizes_follow_comfyui():
     for size, explicit in [((1536, 1024), (None, None)), ((333, 517), (None, None)), ((64, 64), (100, 60))]:
         pixels = conditioning.output_pixels(picture(*size), *explicit)
         assert conditioning.output_size(picture(*size), *explicit) == (pixels.shape[-1], pixels.shape[-2])
+
+
+def test_the_automatic_output_size_is_capped_like_an_explicit_one():
+    """4000x16 at one megapixel would be 16190x64; no side goes over 4096 (params.MAX_SIDE), aspect kept."""
+    from qwen_edit.params import MAX_SIDE
+
+    assert conditioning.MAX_OUTPUT_SIDE == MAX_SIDE
+    cases = [((4000, 16), 1.0), ((16, 4000), 1.0), ((4000, 16), 0.0625), ((9000, 3000), 16.0)]
+    for size, megapixels in cases:
+        w, h = conditioning.output_size(picture(*size), None, None, megapixels)
+        assert max(w, h) <= MAX_SIDE and w % 8 == 0 and h % 8 == 0
+        assert abs(w / h - size[0] / size[1]) / (size[0] / size[1]) < 0.15  # the aspect (within rounding)
+        pixels = conditioning.output_pixels(picture(*size), None, None, megapixels)
+        assert (pixels.shape[-1], pixels.shape[-2]) == (w, h)
+    assert conditioning.output_size(picture(1536, 1024), None, None) == (1248, 832)  # under the cap
+
+
+def test_save_picks_the_format_by_suffix(pipe, tmp_path):
+    result = pipe.edit([picture(64, 64)], "hello", seed=7, width=32, height=32)
+    for name, kind in [("a.png", "PNG"), ("b.jpg", "JPEG"), ("c.jpeg", "JPEG"), ("d.webp", "WEBP")]:
+        (path,) = result.save(tmp_path / name)
+        with Image.open(path) as image:
+            assert image.format == kind and image.size == (32, 32)
+        embedded = conditioning.read_png_parameters(path.read_bytes()) if kind == "PNG" else None
+        assert embedded is None or embedded["prompt"] == "hello"
+    assert result.png_bytes(0) == (tmp_path / "a.png").read_bytes()
+    with pytest.raises(ParameterError, match="unknown image suffix"):
+        result.save(tmp_path / "e.tiff")
 
 
 def test_reference_pixels_on_another_device_are_the_same():

@@ -161,6 +161,7 @@ def test_each_settings_name_error_names_its_key(models, top, error, field, kind)
     "top, field",
     [
         ({"backend": "tensorrt"}, "backend"),
+        ({"device": "banana"}, "device"),
         ({"compute": "int8"}, "compute"),
         ({"text_encoder_compute": "bf16"}, "text_encoder_compute"),
         ({"num_blocks_on_gpu": "two"}, "num_blocks_on_gpu"),
@@ -177,6 +178,15 @@ def test_a_bad_settings_file_is_a_settings_error_naming_the_key(models, top, fie
         load_settings(settings_for(models, **top))
     assert info.value.field == field and isinstance(info.value, ParameterError)  # as it always was
     assert kind_of(info.value) == "config"
+
+
+@pytest.mark.parametrize("device", ["banana", "cuda:x", "mps", ""])
+def test_a_device_that_is_not_one_is_refused_before_loading(models, device):
+    with pytest.raises(ParameterError) as info:
+        resolve_spec(load_settings(settings_for(models)), device=device)
+    assert info.value.field == "device" and "cpu, cuda or cuda:N" in info.value.message
+    for good, kept in (("cpu", "cpu"), ("cpu:0", "cpu:0"), ("auto", None)):
+        assert resolve_spec(load_settings(settings_for(models)), device=good).device == kept
 
 
 def test_settings_files_that_are_missing_or_not_yaml(tmp_path):
@@ -219,10 +229,13 @@ def test_paths_are_taken_only_where_the_caller_allows_them(models, tmp_path, mon
         resolve_spec(settings, loras=[(str(elsewhere / "mine.safetensors"), 1.0)])
 
 
-def test_the_demo_as_settings_and_a_pipeline_built_from_the_spec(tmp_path):
+def test_the_demo_as_settings_and_a_pipeline_built_from_the_spec(tmp_path, demo_dir):
+    import shutil
+
     from qwen_edit import QwenEditPipeline
     from qwen_edit.testing.demo import DEMO_OUTPUT_MEGAPIXELS, DEMO_REFERENCE_AREA
 
+    shutil.copytree(demo_dir, tmp_path / "demo")  # the session's files; a LoRA is added below
     settings = demo_settings(tmp_path / "demo", [{"num_blocks_on_gpu": 2}])
     assert settings.demo and settings.text_encoder_config and settings.num_blocks_on_gpu == 2
     gen = torch.Generator().manual_seed(0)

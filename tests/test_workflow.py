@@ -58,9 +58,10 @@ def write_lora(path, seed: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, demo_dir):
     """A models folder: the demo's files under demo/ (written by QwenEditPipeline.demo), LoRAs in loras/."""
     root = tmp_path_factory.mktemp("models")
+    shutil.copytree(demo_dir, root / "demo")  # the session's demo files, copied: a test adds a VAE there
     (root / "loras").mkdir()
     write_lora(root / "loras" / "a.safetensors", 1)
     write_lora(root / "loras" / "b.safetensors", 2)

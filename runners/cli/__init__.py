@@ -7,6 +7,8 @@ A thin runner over the library, one module per concern:
     demo        the tiny random-weight model end to end
     download    the model files from the Hugging Face hub, resumable
     doctor      is this machine ready, and what to fix if not
+    checks      what `edit` checks before loading: pictures decoded, model file headers, the device
+    saving      where pictures go, in which format, never over a file silently
     output      human text or NDJSON (comfy-cli's `--json` contract), errors and exit codes
     locations   where the models are when no flag says so
 Exit codes are documented in output.EXIT_CODES and the README ("Command line"); the library's errors
@@ -24,10 +26,19 @@ from .doctor import cmd_doctor
 from .download import cmd_download
 from .edit import Job, cmd_edit, output_paths, parse_lora, run_jobs
 from .output import EXIT_CANCELLED, EXIT_INTERNAL, EXIT_USAGE, CliError, Reporter, cli_error
-from .parser import UsageError, build_parser
+from .parser import UsageError, build_parser, split_multi_values
 from .run import cmd_run
 
 __all__ = ["Job", "build_parser", "main", "output_paths", "parse_lora", "run_jobs"]
+
+# What Ctrl-C interrupted, per command (an edit interrupted between jobs says more: edit.run_jobs).
+INTERRUPTED = {
+    "download": "interrupted (Ctrl-C); partial downloads are kept and resume",
+    "edit": "interrupted (Ctrl-C) before the edit finished; pictures already saved are kept",
+    "run": "interrupted (Ctrl-C) before the workflow finished",
+    "demo": "interrupted (Ctrl-C) before the demo finished",
+    "doctor": "interrupted (Ctrl-C)",
+}
 
 
 def _configure_logging(verbose: int) -> None:
@@ -48,7 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     json_mode = "--json" in argv
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(split_multi_values(argv))
+        if extra:
+            pictures = [word for word in extra if not word.startswith("-")]
+            # A picture after other flags (`a.png -p x b.png`) is still a picture; anything else is not known.
+            if args.command != "edit" or len(pictures) != len(extra):
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.images = [*args.images, *pictures]
     except UsageError as exc:
         command = next((a for a in argv if not a.startswith("-")), "qwen-edit")
         print(exc.parser.format_usage().rstrip(), file=sys.stderr)
@@ -68,11 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[args.command](args, reporter)
     except KeyboardInterrupt:
-        return reporter.fail(
-            CliError(
-                "cancelled", "interrupted (Ctrl-C); partial downloads are kept and resume", EXIT_CANCELLED
-            )
-        )
+        message = INTERRUPTED.get(args.command, "interrupted (Ctrl-C)")
+        return reporter.fail(CliError("cancelled", message, EXIT_CANCELLED))
     except Exception as exc:
         error = cli_error(exc)
         if error.exit_code == EXIT_INTERNAL or args.verbose:

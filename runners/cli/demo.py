@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from PIL import Image
 
@@ -19,7 +20,7 @@ def cmd_demo(args: argparse.Namespace, reporter: Reporter) -> int:
     """The demo's files as the settings (written once into --cache-dir), one job on a generated picture."""
     from qwen_edit.errors import QwenEditError
     from qwen_edit.settings import resolve_spec
-    from qwen_edit.testing.demo import demo_settings
+    from qwen_edit.testing.demo import default_cache_dir, demo_settings
 
     image = demo_picture()
     args.images, args.batch_file, args.prompt_file, args.lora, args.seed = [], None, None, None, [args.seed]
@@ -34,8 +35,12 @@ def cmd_demo(args: argparse.Namespace, reporter: Reporter) -> int:
         raise cli_error(exc) from exc
     for job in jobs:
         job.loras = []
-    code = execute(args, spec, jobs, reporter, {"note": DEMO_NOTE})
+    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    code = execute(args, spec, jobs, reporter, {"note": DEMO_NOTE, "cache_dir": str(cache.absolute())})
     reporter.note(DEMO_NOTE)
+    for path in jobs[0].outputs:
+        reporter.note(f"the picture: {Path(path).absolute()}")
+    reporter.note(f"the demo model's files (about 45 MB, written once): {cache.absolute()}")
     return code
 
 

@@ -4,8 +4,10 @@ Edit flags follow mflux's `mflux-generate-qwen-edit` (images, --prompt or --prom
 --negative-prompt, --seed taking several values, one image per seed, --steps, --width/--height,
 --lora) and ComfyUI's KSampler names (--sampler, --scheduler, --cfg, --denoise, --shift). Everything
 that can be checked before loading the 20 GB of models is checked first: parameter values, input
-images, the batch file, the output template, the model files (resolved by the library's
-`settings.resolve_spec`, the command line's files and options on top of the settings).
+images, the batch file, the output template and folder, the model files (resolved by the library's
+`settings.resolve_spec`, the command line's files and options on top of the settings; their headers
+read by `checks`). `--from PICTURE` takes a PNG's embedded parameters and provenance as the defaults,
+so the same files make the same picture again.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
-import string
 import sys
 import time
 import traceback
@@ -21,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .output import EXIT_INTERNAL, EXIT_USAGE, CliError, Reporter, cli_error
+from . import saving
+from .checks import bad_image, check_device, check_image, check_model_files
+from .output import EXIT_CANCELLED, EXIT_INTERNAL, EXIT_USAGE, CliError, Reporter, cli_error
 
 if TYPE_CHECKING:  # the library loads when a command needs it, not for --help
     from qwen_edit.errors import QwenEditError
@@ -54,6 +57,7 @@ JOB_KEYS = {
     "loras": "loras",
 }
 MAX_RANDOM_SEED = 2**32 - 1  # random seeds stay short enough to retype
+RANDOM_SEED = -1  # --seed -1 (or "seed": -1 in a batch line): a random seed, as the worker takes it
 
 
 # -- jobs ----------------------------------------------------------------------------------------
@@ -173,7 +177,8 @@ def build_jobs(args, defaults: dict, demo_image=None) -> list[Job]:
             if isinstance(image, str):
                 check_image(image, f"{source}: images[{i}]")
         for seed in seeds:
-            seed = secrets.randbelow(MAX_RANDOM_SEED + 1) if seed is None else seed
+            if seed is None or seed == RANDOM_SEED:
+                seed = secrets.randbelow(MAX_RANDOM_SEED + 1)
             job_params = {**params, "seed": seed}
             try:
                 job_params = EditParams(**job_params).to_dict()  # every field, defaults filled in
@@ -183,62 +188,94 @@ def build_jobs(args, defaults: dict, demo_image=None) -> list[Job]:
                 raise _usage(f"{source}: {exc}") from exc
             jobs.append(Job(len(jobs), source, images, job_params, out, loras))
     for job in jobs:
-        check_out_template(job.out, job.source)
+        saving.check_template(job.out, job.source)
     return jobs
 
 
-def check_image(path: str, where: str) -> None:
-    """The input exists and decodes as an image (checked before the models load)."""
-    from PIL import Image, UnidentifiedImageError
+def output_paths(job: Job, seed: int, count: int, taken: set[str], overwrite: bool = False) -> list[Path]:
+    """Where a job's pictures go (saving.output_paths on the job's template)."""
+    return saving.output_paths(job.out, seed, job.index, count, taken, overwrite)
 
-    p = Path(path)
-    if not p.is_file():
-        raise CliError(
-            "image_not_found", f"{where}: no such file: {path}", EXIT_USAGE, details={"field": "images"}
-        )
+
+# -- --from PICTURE ------------------------------------------------------------------------------
+
+
+def apply_from(args: argparse.Namespace) -> dict:
+    """--from PICTURE: what its PNG embeds (the parameters, the input pictures, the model files, backend,
+    compute, device, the demo model) becomes this run's defaults; flags given on the command line win.
+    Returns the metadata, for `check_reproduction` once the models are loaded."""
+    from qwen_edit.provenance import read_metadata
+
+    path = Path(args.from_picture)
     try:
-        with Image.open(p) as image:
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise CliError(
-            "bad_image",
-            f"{where}: {path} is not a readable image ({exc})",
-            EXIT_USAGE,
-            details={"field": "images"},
-        ) from exc
-
-
-def check_out_template(template: str, where: str) -> None:
-    try:
-        name = template.format(seed=0, job=0, index=0)
-    except (KeyError, IndexError, ValueError) as exc:
+        meta = read_metadata(path.read_bytes())
+    except OSError as exc:
+        raise _usage(f"--from {path}: {exc.strerror or exc}", "from") from exc
+    except Exception as exc:  # PIL's errors for a file that is not an image
+        raise bad_image(f"--from {path} is not a readable image ({exc})") from exc
+    if "prompt" not in meta or "seed" not in meta:
         raise _usage(
-            f"{where}: --out {template!r}: only {{seed}}, {{job}} and {{index}} can be filled in ({exc})",
-            "out",
-        ) from exc
-    if not name or name.endswith(("/", "\\")):
-        raise _usage(f"{where}: --out {template!r} is not a file name", "out")
+            f"--from {path} holds no qwen-edit parameters (only the PNGs qwen-edit writes carry them)", "from"
+        )
+    if args.prompt is None and not args.prompt_file and not args.batch_file:
+        args.prompt = meta["prompt"]
+    for flag, key in PARAM_FLAGS.items():
+        if getattr(args, flag) is None and meta.get(key) is not None:
+            setattr(args, flag, meta[key])
+    if not args.seed:
+        args.seed = [meta["seed"]]
+    if not args.images:
+        pictures = meta.get("images") or []
+        if not pictures or any("file" not in p for p in pictures):
+            raise _usage(
+                f"--from {path}: its input pictures were not files; give them on the command line", "images"
+            )
+        args.images = [p["file"] for p in pictures]
+    if args.lora is None and "loras" in meta:
+        args.lora = [f"{name}:{strength}" for name, strength in meta["loras"]]  # [] stays: no LoRAs
+    models = meta.get("models") or {}
+    if meta.get("demo"):
+        args.demo = True
+    else:
+        for slot in ("transformer", "text_encoder", "vae"):
+            if getattr(args, slot) is None and (models.get(slot) or {}).get("file"):
+                setattr(args, slot, models[slot]["file"])
+    for option in ("backend", "compute", "device"):
+        if getattr(args, option) is None and meta.get(option):
+            setattr(args, option, meta[option])
+    return meta
 
 
-def output_paths(job: Job, seed: int, count: int, n_jobs: int, written: set[str]) -> list[Path]:
-    """Where job's images go: the template filled in; `_<index>` for several images and `_<job>` when
-    two jobs would write the same file (nothing written in one run is overwritten by the same run)."""
-    paths = []
-    for i in range(count):
-        path = Path(job.out.format(seed=seed, job=job.index, index=i)).expanduser()
-        if not path.suffix:
-            path = path.with_suffix(".png")
-        if count > 1 and "index" not in _template_fields(job.out):
-            path = path.with_name(f"{path.stem}_{i}{path.suffix}")
-        if str(path) in written and n_jobs > 1:
-            path = path.with_name(f"{path.stem}_job{job.index}{path.suffix}")
-        written.add(str(path))
-        paths.append(path)
-    return paths
+def check_reproduction(meta: dict, provenance: dict, jobs: list[Job], reporter: Reporter) -> None:
+    """Warn (not fail) where the files differ from those that made the --from picture: the result will."""
+    differ = []
+    made_with, loaded = meta.get("models") or {}, provenance.get("models") or {}
+    for slot in ("transformer", "text_encoder", "vae"):
+        before, now = (made_with.get(slot) or {}).get("sha256"), (loaded.get(slot) or {}).get("sha256")
+        if before and now and before != now:
+            differ.append(f"{slot} ({before} then, {now} now)")
+    if [lora.get("sha256") for lora in made_with.get("loras") or []] != [
+        lora.get("sha256") for lora in loaded.get("loras") or []
+    ]:
+        differ.append("the LoRA files")
+    for job in jobs[:1]:
+        then = [p.get("sha256") for p in meta.get("images") or []]
+        now = [_picture(image).get("sha256") for image in job.images]
+        if then and then != now:
+            differ.append("the input pictures")
+    for key in ("backend", "compute", "generator"):
+        if meta.get(key) and meta.get(key) != provenance.get(key):
+            differ.append(f"{key} ({meta[key]} then, {provenance.get(key)} now)")
+    if differ:
+        text = "not the same as what made the --from picture: " + "; ".join(differ)
+        reporter.event("warning", message=text)
+        reporter.note(f"warning: {text}; the result will differ")
 
 
-def _template_fields(template: str) -> set[str]:
-    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+def _picture(image) -> dict:
+    from qwen_edit.provenance import picture_entry
+
+    return picture_entry(image)
 
 
 # -- models --------------------------------------------------------------------------------------
@@ -274,7 +311,7 @@ def cli_spec(args: argparse.Namespace, settings: Settings) -> PipelineSpec:
         return resolve_spec(
             settings,
             **overrides,
-            loras=[parse_lora(spec) for spec in args.lora] if args.lora else None,
+            loras=None if args.lora is None else [parse_lora(spec) for spec in args.lora],
             device=args.device,
             cpu_offload=args.offload,
             num_blocks_on_gpu=args.num_blocks_on_gpu,
@@ -318,9 +355,18 @@ def download_fix(args: argparse.Namespace) -> str:
 # -- running -------------------------------------------------------------------------------------
 
 
-def run_jobs(pipe, jobs: list[Job], reporter: Reporter) -> tuple[list[dict], CliError | None]:
-    """Run every job on one loaded pipeline; a job that fails at run time doesn't stop the others."""
-    written: set[str] = set()
+def run_jobs(
+    pipe,
+    jobs: list[Job],
+    reporter: Reporter,
+    *,
+    provenance: dict | None = None,
+    overwrite: bool = False,
+) -> tuple[list[dict], CliError | None]:
+    """Run every job on one loaded pipeline; a job that fails while running or writing its pictures
+    (out of memory, a full disk) is reported and the others still run. `provenance` is embedded in
+    each PNG beside the parameters, with the job's input pictures."""
+    taken: set[str] = set()
     results, first_error = [], None
     for job in jobs:
         reporter.event(
@@ -335,8 +381,36 @@ def run_jobs(pipe, jobs: list[Job], reporter: Reporter) -> tuple[list[dict], Cli
             if job.loras is not None and tuple(job.loras) != pipe.lora_specs:
                 pipe.set_loras(job.loras)  # no reload: LoRAs are side branches / low-rank appends
             result = run_one(pipe, job, len(jobs), reporter)
+            extra = None
+            if provenance is not None:
+                extra = {**provenance, "images": [_picture(image) for image in job.images]}
+            paths = output_paths(job, result.seed, len(result.images), taken, overwrite)
+            for i, path in enumerate(paths):
+                try:
+                    data = result.encode(i, saving.format_of(path), extra)
+                    saving.write_picture(path, data, overwrite)
+                except OSError as exc:
+                    raise saving.output_error(job.source, path, exc) from exc
+                job.outputs.append(str(path))
+                reporter.event(
+                    "output",
+                    job=job.index,
+                    index=i,
+                    path=str(path),
+                    seed=result.seed,
+                    size=list(result.images[i].size),
+                )
+                width, height = result.images[i].size
+                reporter.say(f"saved {path} (seed {result.seed}, {width}x{height})")
         except KeyboardInterrupt:
-            raise
+            saved = [p for j in jobs for p in j.outputs]
+            raise CliError(
+                "cancelled",
+                f"interrupted (Ctrl-C) during the edit of job {job.index} ({job.source}); "
+                f"{len(saved)} picture(s) saved before it are kept",
+                EXIT_CANCELLED,
+                details={"outputs": saved},
+            ) from None
         except Exception as exc:
             error = cli_error(exc)
             if error.exit_code == EXIT_INTERNAL:
@@ -344,24 +418,11 @@ def run_jobs(pipe, jobs: list[Job], reporter: Reporter) -> tuple[list[dict], Cli
             reporter.event("job_error", job=job.index, source=job.source, error=error.to_dict())
             reporter.note(f"job {job.index} ({job.source}) failed: {error.message}")
             first_error = first_error or error
-            results.append({"job": job.index, "source": job.source, "ok": False, "error": error.to_dict()})
+            results.append(
+                {"job": job.index, "source": job.source, "ok": False, "outputs": job.outputs,
+                 "error": error.to_dict()}
+            )  # fmt: skip
             continue
-        paths = output_paths(job, result.seed, len(result.images), len(jobs), written)
-        for i, path in enumerate(paths):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(result.png_bytes(i))
-            job.outputs.append(str(path))
-            reporter.event(
-                "output",
-                job=job.index,
-                index=i,
-                path=str(path),
-                seed=result.seed,
-                size=list(result.images[i].size),
-            )
-            reporter.say(
-                f"saved {path} (seed {result.seed}, {result.images[i].size[0]}x{result.images[i].size[1]})"
-            )
         timings = {
             k: (round(v, 4) if isinstance(v, float) else [round(s, 4) for s in v])
             for k, v in result.timings.items()
@@ -417,6 +478,7 @@ def run_one(pipe, job: Job, n_jobs: int, reporter: Reporter):
 
 
 def cmd_edit(args: argparse.Namespace, reporter: Reporter) -> int:
+    meta = apply_from(args) if args.from_picture else None
     if args.demo:
         from qwen_edit.testing.demo import demo_settings
 
@@ -431,7 +493,12 @@ def cmd_edit(args: argparse.Namespace, reporter: Reporter) -> int:
             job.loras = list(spec.loras)
         else:
             job_loras(job, settings, args)
-    return execute(args, spec, jobs, reporter)
+    check_device(spec)
+    check_model_files(spec)
+    for job in jobs:
+        if job.loras != list(spec.loras):
+            check_model_files(spec.replace(loras=tuple(job.loras)))
+    return execute(args, spec, jobs, reporter, from_meta=meta)
 
 
 def execute(
@@ -440,6 +507,7 @@ def execute(
     jobs: list[Job],
     reporter: Reporter,
     extra: dict | None = None,
+    from_meta: dict | None = None,
 ) -> int:
     """The plan event; then (unless --dry-run) load once, run every job, and the envelope."""
     if spec.demo:
@@ -464,7 +532,11 @@ def execute(
         )
         return reporter.succeed({"dry_run": True, "jobs": plan, "models": files})
     pipe = load_pipeline(spec, reporter)
-    results, error = run_jobs(pipe, jobs, reporter)
+    provenance = model_provenance(pipe, reporter)
+    if from_meta is not None:
+        check_reproduction(from_meta, provenance, jobs, reporter)
+    overwrite = bool(getattr(args, "overwrite", False))
+    results, error = run_jobs(pipe, jobs, reporter, provenance=provenance, overwrite=overwrite)
     info = pipe.info()
     data = {
         "outputs": [p for j in jobs for p in j.outputs],
@@ -476,6 +548,18 @@ def execute(
     if error is not None:
         return reporter.fail(error, data)
     return reporter.succeed(data)
+
+
+def model_provenance(pipe: QwenEditPipeline, reporter: Reporter) -> dict:
+    """The pipeline as the pictures' metadata records it; model files are hashed once (then cached)."""
+    from qwen_edit.provenance import pipeline_provenance
+
+    start = time.monotonic()
+    provenance = pipeline_provenance(pipe)
+    seconds = time.monotonic() - start
+    if seconds > 2:
+        reporter.note(f"hashed the model files for the pictures' metadata in {seconds:.0f} s (once: cached)")
+    return provenance
 
 
 def load_pipeline(spec: PipelineSpec, reporter: Reporter) -> QwenEditPipeline:

@@ -19,7 +19,8 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1  # a bug: the traceback is on stderr
 EXIT_USAGE = 2  # bad flags, a bad parameter value, an unreadable input image or settings file
 EXIT_MODEL = 3  # a model file (or the tokenizer) is missing, incomplete or not the expected kind
-EXIT_RUNTIME = 4  # the machine can't run it: no/unsupported GPU, Nunchaku mismatch, out of memory, disk full
+EXIT_RUNTIME = 4  # the machine can't run it: no/unsupported GPU, Nunchaku mismatch, out of memory, disk full,
+# an output folder that takes no files
 EXIT_NETWORK = 5  # the Hugging Face hub could not be reached, or a download failed its size check
 EXIT_CANCELLED = 130  # Ctrl-C (128 + SIGINT, as shells and comfy-cli report it)
 
@@ -28,11 +29,21 @@ EXIT_CODES = {
     EXIT_INTERNAL: "internal error (a bug; traceback on stderr)",
     EXIT_USAGE: "usage or bad input: flags, parameter values, input images, settings or batch files",
     EXIT_MODEL: "model files missing, incomplete or of the wrong kind",
-    EXIT_RUNTIME: "runtime or hardware: GPU, Nunchaku, out of memory, disk space",
+    EXIT_RUNTIME: "runtime or hardware: GPU, Nunchaku, out of memory, disk full, output folder not writable",
     EXIT_NETWORK: "network or hub error, or a download that failed verification",
     EXIT_CANCELLED: "cancelled (Ctrl-C)",
 }
 
+
+# Every `code` an error can have in `--json` (the README lists them; tests/test_cli.py checks both).
+ERROR_CODES = (
+    "usage", "bad_parameter", "bad_config", "config_not_found", "bad_model_name", "image_not_found",
+    "bad_image", "bad_workflow", "model_not_found", "model_invalid", "unsupported_hardware",
+    "missing_dependency", "out_of_memory", "runtime_error", "output_not_writable", "disk_full",
+    "not_ready", "network_error", "offline", "hub_error", "hub_file_not_found", "hub_repo_not_found",
+    "hub_unauthorized", "download_incomplete", "size_mismatch", "checksum_mismatch", "insufficient_disk",
+    "cancelled", "internal_error",
+)  # fmt: skip
 
 # The library's error kinds (qwen_edit.errors.KINDS) -> (error code, exit code, fix). `cli_error` is
 # the only place the CLI looks at what the library raised.
@@ -105,9 +116,11 @@ def cli_error(
 
     kind = kind_of(exc)
     code, exit_code, default_fix = KIND_ERRORS[kind]
+    if kind == "parameter" and str(getattr(exc, "field", "")).startswith("images"):
+        code = "bad_image"  # a picture the loader can't read: what the check before loading calls it
     message = f"{type(exc).__name__}: {exc}" if kind in ("cuda_error", "runtime", "internal") else str(exc)
     extra: dict = {}
-    if kind in ("parameter", "config") and getattr(exc, "field", None):
+    if getattr(exc, "field", None):  # the parameter, setting or model slot at fault
         extra["field"] = exc.field
     if getattr(exc, "suggestion", None) is not None:
         extra["suggestion"] = exc.suggestion

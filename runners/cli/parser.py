@@ -2,7 +2,9 @@
 
 A flag is `(names, argparse keyword arguments)`; the key "group" puts it in a named mutually exclusive
 group. Shared flag sets (`--json`/`-v`; where the models are and how they run) are listed once and
-named by the commands that take them.
+named by the commands that take them. `--help` shows each flag's default: argparse's own where there
+is one, else the help text says where it comes from (the settings' `generation:`, else the 4-step
+Lightning values, which tests/test_cli.py checks against `EditParams`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from .output import EXIT_CODES
 
 Flag = tuple[tuple[str, ...], dict[str, Any]]
 DEFAULT_OUT = "qwen-edit_{seed}.png"
+# Flags that take several values (--seed 1 2 3, as mflux) but must not swallow the pictures after them.
+MULTI_INT_FLAGS = ("--seed",)
 
 COMMON: list[Flag] = [
     (("--json",), {"action": "store_true", "help": "NDJSON events on stdout, a final envelope line"}),
@@ -30,7 +34,7 @@ MODELS: list[Flag] = [
         "help": "a ComfyUI models/ folder (diffusion_models/, text_encoders/, vae/, loras/); "
         "overrides the folders of --config",
     }),
-    (("--device",), {"help": "cuda, cuda:1, cpu (default: the settings, else cuda if present)"}),
+    (("--device",), {"help": "auto, cuda, cuda:1, cpu (default: settings, else cuda if present)"}),
     (("--backend",), {"choices": ("auto", "nunchaku", "portable")}),
     (("--compute",), {"choices": ("auto", "bf16", "fp8"), "help": "portable backend's GEMM precision"}),
 ]  # fmt: skip
@@ -51,17 +55,29 @@ EDIT: list[Flag] = [
     (("images",), {"nargs": "*", "metavar": "IMAGE", "help": "1-3 input images (picture 1 sets the size)"}),
     (("-p", "--prompt"), {"group": "prompt"}),
     (("--prompt-file",), {"group": "prompt", "metavar": "FILE", "help": "the prompt, read from a file"}),
-    (("-n", "--negative-prompt"), {}),
-    (("--seed",), {"type": int, "nargs": "+", "metavar": "N", "help": "one job per seed (default: random)"}),
-    (("--steps",), {"type": int}),
-    (("--cfg", "--guidance"), {"type": float, "dest": "cfg", "help": "CFG scale (1.0 skips the negative)"}),
-    (("--sampler",), {"help": "euler, euler_ancestral, heun, dpmpp_2m, dpmpp_2m_sde, lcm"}),
-    (("--scheduler",), {"help": "simple, normal, sgm_uniform, karras, exponential, beta"}),
-    (("--denoise",), {"type": float}),
-    (("--shift",), {"type": float, "help": "ModelSamplingAuraFlow shift"}),
-    (("--width",), {"type": int, "help": "output width (multiple of 16; with --height)"}),
-    (("--height",), {"type": int, "help": "output height (multiple of 16; with --width)"}),
-    (("--batch-size",), {"type": int, "help": "images per job"}),
+    (("-n", "--negative-prompt"), {"help": "used when --cfg > 1 (default: empty)"}),
+    (("--seed",), {
+        "type": int, "nargs": "+", "action": "extend", "metavar": "N",
+        "help": "one job per seed; -1: random (default: random; the seed is reported and embedded)",
+    }),
+    (("--steps",), {"type": int, "help": "sampling steps (default: settings, else 4)"}),
+    (("--cfg", "--guidance"), {
+        "type": float, "dest": "cfg", "help": "CFG scale; 1 skips the negative (default: settings, else 1.0)",
+    }),
+    (("--sampler",), {
+        "help": "euler, euler_ancestral, heun, dpmpp_2m, dpmpp_2m_sde, lcm (default: settings, else euler)",
+    }),
+    (("--scheduler",), {
+        "help": "simple, normal, sgm_uniform, karras, exponential, beta (default: settings, else simple)",
+    }),
+    (("--denoise",), {"type": float, "help": "below 1: start from picture 1 (default: settings, else 1.0)"}),
+    (("--shift",), {"type": float, "help": "ModelSamplingAuraFlow shift (default: settings, else 3.0)"}),
+    (("--width",), {
+        "type": int, "help": "output width, multiple of 16, with --height (default: picture 1 at about one "
+        "megapixel, no side over 4096)",
+    }),
+    (("--height",), {"type": int, "help": "output height, multiple of 16, with --width"}),
+    (("--batch-size",), {"type": int, "help": "images per job (default: settings, else 1)"}),
     (("--lora",), {
         "action": "append", "metavar": "PATH[:STRENGTH]",
         "help": "a LoRA file or a name in the loras folder; repeatable; replaces the config's",
@@ -72,13 +88,23 @@ EDIT: list[Flag] = [
         "sampler, scheduler, denoise, shift, width, height, batch_size, out, loras); the "
         "command line gives the defaults; the models load once",
     }),
-    (("-o", "--out"), {
+    (("-o", "--out", "--output"), {
         "default": DEFAULT_OUT, "metavar": "PATH",
-        "help": "output file; {seed}, {job}, {index} are filled in (default: %(default)s)",
+        "help": "output file or folder; {seed}, {job}, {index} are filled in; .png (with the parameters), "
+        ".jpg or .webp; a name taken gets _1, _2, ...",
     }),
-    (("--transformer",), {"help": "transformer file (path, or name in diffusion_models/; 'auto')"}),
-    (("--text-encoder",), {"help": "text encoder file (path or name in text_encoders/)"}),
-    (("--vae",), {"help": "VAE file (path or name in vae/)"}),
+    (("--overwrite",), {"action": "store_true", "help": "replace existing files instead of _1, _2, ..."}),
+    (("--from",), {
+        "dest": "from_picture", "metavar": "PICTURE",
+        "help": "re-run what made a PNG qwen-edit wrote (its parameters, pictures, model files); "
+        "flags given here change it",
+    }),
+    (("--transformer",), {
+        "help": "transformer file (path, or name in diffusion_models/; default: the settings', else 'auto', "
+        "the 4-step file of this card's precision)",
+    }),
+    (("--text-encoder",), {"help": "text encoder file (path or name in text_encoders/; default: settings)"}),
+    (("--vae",), {"help": "VAE file (path or name in vae/; default: the settings')"}),
     (("--tokenizer",), {"help": "tokenizer folder (default: beside the text encoder)"}),
     *OFFLOAD,
     (("--compile",), {
@@ -101,8 +127,8 @@ DOWNLOAD: list[Flag] = [
     }),
     (("--rank",), {"type": int, "nargs": "+", "default": [128], "help": "SVD rank(s): 128 or 32"}),
     (("--steps",), {
-        "type": int, "nargs": "+", "default": [4, 8],
-        "help": "Lightning transformer(s): 4 and/or 8 steps (default: both)",
+        "type": int, "nargs": "+", "default": [4],
+        "help": "Lightning transformer(s): 4 and/or 8 steps (default: 4; --steps 4 8 for both)",
     }),
     (("--no-tokenizer",), {"action": "store_true", "help": "skip Qwen/Qwen-Image-Edit-2509 tokenizer/"}),
     (("--checksum",), {"action": "store_true", "help": "also verify sha256 (reads every file)"}),
@@ -111,7 +137,8 @@ DOWNLOAD: list[Flag] = [
     (("--device",), {"help": "the card --precision auto decides for (default: this one)"}),
 ]  # fmt: skip
 DEMO: list[Flag] = [
-    (("-o", "--out"), {"default": "qwen-edit-demo.png", "metavar": "PATH"}),
+    (("-o", "--out", "--output"), {"default": "qwen-edit-demo.png", "metavar": "PATH"}),
+    (("--overwrite",), {"action": "store_true", "help": "replace the file instead of writing _1, _2, ..."}),
     (("-p", "--prompt"), {"default": "make the sky a warm sunset"}),
     (("--seed",), {"type": int, "default": 0}),
     (("--steps",), {"type": int, "default": 4}),
@@ -134,7 +161,7 @@ RUN: list[Flag] = [
         "help": "the file for a LoadImage node's image name (repeatable); others come from --input-dir",
     }),
     (("--input-dir",), {"metavar": "DIR", "help": "ComfyUI's input/ folder: where LoadImage names are read"}),
-    (("-o", "--out"), {"default": ".", "metavar": "DIR", "help": "where SaveImage's files go (default: .)"}),
+    (("-o", "--out", "--output"), {"default": ".", "metavar": "DIR", "help": "where SaveImage's files go"}),
     (("--dry-run",), {"action": "store_true", "help": "check the graph, the --set values and the pictures"}),
     (("--demo",), {
         "action": "store_true",
@@ -187,6 +214,54 @@ COMMANDS: dict[str, dict[str, Any]] = {
 }
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's, plus "(default: X)" for every flag that has a default the help doesn't already name."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.option_strings
+            and "default" not in text
+            and default not in (None, False, argparse.SUPPRESS, [])
+        ):
+            shown = " ".join(map(str, default)) if isinstance(default, list) else "%(default)s"
+            text += f" (default: {shown})"
+        return text
+
+
+def split_multi_values(argv: list[str]) -> list[str]:
+    """`--seed 1 2 room.png` as `--seed=1 --seed=2 room.png`: the numbers after a MULTI_INT_FLAGS flag
+    are its values, the first word that is not one is a picture again (argparse's nargs="+" would take
+    every word up to the next flag, and fail on the picture)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            out.extend(argv[i:])
+            break
+        if word in MULTI_INT_FLAGS:
+            values = []
+            while i + 1 + len(values) < len(argv) and _is_int(argv[i + 1 + len(values)]):
+                values.append(argv[i + 1 + len(values)])
+            if values:
+                out.extend(f"{word}={value}" for value in values)
+                i += 1 + len(values)
+                continue
+        out.append(word)
+        i += 1
+    return out
+
+
+def _is_int(word: str) -> bool:
+    try:
+        int(word)
+    except ValueError:
+        return False
+    return True
+
+
 class UsageError(Exception):
     def __init__(self, parser: argparse.ArgumentParser, message: str):
         super().__init__(message)
@@ -221,17 +296,22 @@ def build_parser() -> Parser:
     )
     parser.add_argument("--version", action="version", version=f"qwen-edit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    shared = {}
-    for name, flags in SHARED.items():
-        shared[name] = Parser(add_help=False)
-        add_flags(shared[name], flags)
+    parser.formatter_class = HelpFormatter
     for name, command in COMMANDS.items():
+        # Fresh parents per command: argparse shares a parent's actions with every child, so one
+        # command's set_defaults (doctor's backend="auto") would otherwise become every command's, and
+        # `edit` would override the settings' backend with it.
+        parents = []
+        for shared in command["shared"]:
+            parents.append(Parser(add_help=False))
+            add_flags(parents[-1], SHARED[shared])
         child = sub.add_parser(
             name,
-            parents=[shared[s] for s in command["shared"]],
+            parents=parents,
             help=command["help"],
             description=command["description"],
             epilog=command.get("epilog", epilog),
+            formatter_class=HelpFormatter,
         )
         add_flags(child, command["flags"])
         child.set_defaults(**command.get("defaults", {}))

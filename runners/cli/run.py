@@ -3,7 +3,9 @@
 The library reads and checks the graph (`qwen_edit.workflow`) and loads what its loader nodes name
 (`QwenEditPipeline.from_workflow`); this module only turns flags into those calls and writes the
 images as ComfyUI's SaveImage names them (`<filename_prefix>_00001_.png`, never over an existing file).
-Everything checkable without the models is checked first: the graph, every `--set`, the pictures.
+Everything checkable without the models is checked first, and is what `--dry-run` does: the graph,
+every `--set`, the pictures (decoded), the model files the loaders name (found, and their headers
+read as `edit` reads them, checks.py), and the output folder.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import saving
+from .checks import check_model_files
 from .edit import load_cli_settings
-from .output import EXIT_USAGE, CliError, Reporter
+from .output import EXIT_USAGE, CliError, Reporter, cli_error
 
 if TYPE_CHECKING:  # the library loads when the command runs, not for --help
     from qwen_edit.workflow import OutputSpec
@@ -49,6 +53,14 @@ def cmd_run(args: argparse.Namespace, reporter: Reporter) -> int:
     plan = plan_workflow(Path(args.workflow), overrides)
     images = dict(parse_image(text) for text in args.image) if args.image else None
     plan.pictures(images, args.input_dir)  # every picture opens before the models load
+    if args.demo:
+        from qwen_edit.testing.demo import demo_settings
+
+        settings = demo_settings(args.cache_dir)
+    else:
+        settings = load_cli_settings(args)
+    check_workflow_files(plan, settings)
+    saving.check_writable(Path(args.out), "--out")
     reporter.event("plan", workflow=plan.to_dict())
     if args.dry_run:
         reporter.say(f"workflow checked: {len(plan.images)} picture(s), models {dict(plan.models)}")
@@ -56,12 +68,6 @@ def cmd_run(args: argparse.Namespace, reporter: Reporter) -> int:
 
     from qwen_edit import QwenEditPipeline
 
-    if args.demo:
-        from qwen_edit.testing.demo import demo_settings
-
-        settings = demo_settings(args.cache_dir)
-    else:
-        settings = load_cli_settings(args)
     options = {k: getattr(args, k) for k in ("device", "backend", "compute") if getattr(args, k) is not None}
     reporter.note("loading the models the workflow names ...")
     pipe = QwenEditPipeline.from_workflow(plan, settings, **options)
@@ -72,9 +78,26 @@ def cmd_run(args: argparse.Namespace, reporter: Reporter) -> int:
     result = pipe.run_workflow(plan, images, input_dir=args.input_dir, callback=callback)
     paths = output_paths(Path(args.out), plan.output, len(result.images))
     for i, path in enumerate(paths):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(result.png_bytes(i))
+        try:
+            saving.write_picture(path, result.png_bytes(i), overwrite=False)
+        except OSError as exc:
+            raise saving.output_error("--out", path, exc) from exc
         reporter.say(f"wrote {path}")
     return reporter.succeed(
         {"outputs": [str(p) for p in paths], "seed": result.seed, "timings": result.timings}
     )
+
+
+def check_workflow_files(plan, settings) -> None:
+    """The files the workflow's loaders name: found in the model folders, and complete safetensors
+    files of the kind each slot takes (the same header checks as `edit`)."""
+    from qwen_edit.errors import QwenEditError
+    from qwen_edit.settings import LoraSpec, ModelFiles, PipelineSpec
+    from qwen_edit.workflow import resolve_models
+
+    try:
+        files = resolve_models(plan, settings.folders)
+    except QwenEditError as exc:
+        raise cli_error(exc) from exc
+    loras = tuple(LoraSpec(Path(path), strength, Path(path).name) for path, strength in files.loras)
+    check_model_files(PipelineSpec(ModelFiles(files.transformer, files.text_encoder, files.vae, None), loras))
