@@ -103,6 +103,7 @@ def pipeline_provenance(pipe) -> dict:
         "models": models,
         "backend": info.get("backend"),
         "compute": info.get("compute"),
+        "text_encoder_compute": info.get("text_encoder_compute"),
         "precision": info.get("precision"),
         "device": pipe.device.type,
         "demo": bool(spec is not None and spec.demo),

@@ -178,10 +178,30 @@ def test_edit_writes_pngs_with_the_parameters_and_what_made_them(cli, pictures, 
             "portable", "bf16", "cpu", True
         )  # fmt: skip
         assert params["generator"].startswith("qwen-edit ") and params["precision"] == "int4"
+        assert params["text_encoder_compute"] == "upcast"  # ComfyUI's numbers, the default
         assert [p["file"] for p in params["images"]] == list(pictures)
         assert len({p["sha256"] for p in params["images"]}) == 2
         assert str(tmp_path) not in json.dumps(params)
     assert not proc.stdout.lstrip().startswith("{")  # people get text, not JSON
+
+
+def test_the_text_encoder_compute_is_a_flag_the_picture_records_and_from_takes(cli, pictures, tmp_path):
+    """--text-encoder-compute fp8 (opt-in; upcast, ComfyUI's numbers, is the default) reaches the encoder,
+    is written into the PNG, and `--from` runs it again the same way."""
+    made = cli("edit", "a.png", "-p", "make it blue", "--seed", "5", "--demo", *SMALL,
+               "--text-encoder-compute", "fp8", "-o", "fp8.png")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert png_parameters(tmp_path / "fp8.png")["text_encoder_compute"] == "fp8"
+    again = cli("edit", "--from", "fp8.png", "-o", "again.png")
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "fp8.png").read_bytes()
+    upcast = cli("edit", "--from", "fp8.png", "--text-encoder-compute", "upcast", "-o", "upcast.png")
+    assert upcast.returncode == 0, upcast.stderr
+    assert png_parameters(tmp_path / "upcast.png")["text_encoder_compute"] == "upcast"
+    assert (tmp_path / "upcast.png").read_bytes() != (tmp_path / "fp8.png").read_bytes()
+    assert "text_encoder_compute (fp8 then, upcast now)" in upcast.stderr
+    bad = cli("edit", "a.png", "-p", "x", "--demo", "--text-encoder-compute", "auto", "-o", "bad.png")
+    assert bad.returncode == 2 and "--text-encoder-compute" in bad.stderr
 
 
 def test_edit_from_a_picture_makes_the_same_bytes_again(cli, pictures, tmp_path):

@@ -218,25 +218,35 @@ def test_a_request_naming_other_model_files_reloads_and_switches_back(client, wo
 
 
 def test_a_deadline_mid_sampling_stops_within_one_step(client):
-    step = max(runsync(client, valid_input(steps=8))["output"]["timings"]["steps"])
-    timeout = 1.5
+    """The deadline is derived from this machine's pace (a busy 2-core machine is several times slower):
+    twice what came before sampling plus a few steps, so sampling has begun and 200 steps don't fit."""
+    timings = runsync(client, valid_input(steps=8))["output"]["timings"]
+    step = max(timings["steps"])
+    before_sampling = sum(v for k, v in timings.items() if k in ("fetch_images", "text_encode", "vae_encode"))
+    timeout = round(2 * before_sampling + 4 * step + 0.2, 3)
     error = error_of(runsync(client, valid_input(steps=200, timeout=timeout)))
     assert error["code"] == "TIMEOUT" and error["field"] == "timeout"
     assert 0 < error["steps_done"] < error["total_steps"] == 200
+    # This job's own pace, in case the machine slowed down since the measurement above
+    slowest = max(step, (error["elapsed"] - before_sampling) / error["steps_done"])
     overshoot = error["elapsed"] - timeout
-    assert 0 <= overshoot <= 2 * step + 0.1, (overshoot, step)
+    assert 0 <= overshoot <= 2 * slowest + 0.1, (overshoot, step, slowest)
     assert runsync(client, valid_input(**CHEAP))["status"] == "COMPLETED"
 
 
 def test_a_platform_cancel_stops_the_edit_at_the_next_step(worker):
+    """Cancels come once the edit is under way and the lock must be let go within a few steps, both
+    derived from a cheap job's pace on this machine (no fixed times: a busy machine is slower)."""
     stop = threading.Event()
-    threading.Timer(0.8, stop.set).start()
+    timings = worker.run({"id": "c0", "input": valid_input(steps=2)}, threading.Event())["timings"]
+    step, started = max(timings["steps"]), timings["edit"]
+    threading.Timer(started, stop.set).start()
     result = worker.run({"id": "c1", "input": valid_input(steps=200)}, stop)
     assert result["error"]["code"] == "CANCELLED"
 
     async def cancel_the_task() -> float:
         task = asyncio.create_task(make_handler(worker)({"id": "c2", "input": valid_input(steps=200)}))
-        await asyncio.sleep(0.8)
+        await asyncio.sleep(started)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -245,7 +255,8 @@ def test_a_platform_cancel_stops_the_edit_at_the_next_step(worker):
             await asyncio.sleep(0.01)
         return time.monotonic() - start
 
-    assert asyncio.run(cancel_the_task()) < 0.5  # the thread let go of the pipeline at the next step
+    # the thread let go of the pipeline at the next check: a step or a text-encoder layer
+    assert asyncio.run(cancel_the_task()) < 3 * step + 0.5
 
 
 # -- errors that refresh the worker -------------------------------------------------------------------

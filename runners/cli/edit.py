@@ -240,7 +240,7 @@ def apply_from(args: argparse.Namespace) -> dict:
         for slot in ("transformer", "text_encoder", "vae"):
             if getattr(args, slot) is None and (models.get(slot) or {}).get("file"):
                 setattr(args, slot, models[slot]["file"])
-    for option in ("backend", "compute", "device"):
+    for option in ("backend", "compute", "text_encoder_compute", "device"):
         if getattr(args, option) is None and meta.get(option):
             setattr(args, option, meta[option])
     return meta
@@ -263,7 +263,7 @@ def check_reproduction(meta: dict, provenance: dict, jobs: list[Job], reporter: 
         now = [_picture(image).get("sha256") for image in job.images]
         if then and then != now:
             differ.append("the input pictures")
-    for key in ("backend", "compute", "generator"):
+    for key in ("backend", "compute", "text_encoder_compute", "generator"):
         if meta.get(key) and meta.get(key) != provenance.get(key):
             differ.append(f"{key} ({meta[key]} then, {provenance.get(key)} now)")
     if differ:
@@ -304,9 +304,12 @@ def cli_spec(args: argparse.Namespace, settings: Settings) -> PipelineSpec:
 
     if args.demo:  # the demo's own files and backend; "auto" compute is its bf16
         overrides = {"compute": None if args.compute == "auto" else args.compute}
+        overrides["text_encoder_compute"] = args.text_encoder_compute
     else:
         overrides = {slot: getattr(args, slot, None) for slot in FILE_FLAGS}
-        overrides.update(backend=args.backend, compute=args.compute)
+        overrides.update(
+            backend=args.backend, compute=args.compute, text_encoder_compute=args.text_encoder_compute
+        )
     try:
         return resolve_spec(
             settings,
@@ -579,7 +582,8 @@ def load_pipeline(spec: PipelineSpec, reporter: Reporter) -> QwenEditPipeline:
     return pipe
 
 
-MODEL_KEYS = ("device", "backend", "compute", "precision", "rank", "reason", "offload")
+MODEL_KEYS = ("device", "backend", "compute", "text_encoder_compute", "precision", "rank", "reason",
+              "offload")  # fmt: skip
 
 
 def model_info(info: dict) -> dict:

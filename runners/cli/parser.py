@@ -37,6 +37,11 @@ MODELS: list[Flag] = [
     (("--device",), {"help": "auto, cuda, cuda:1, cpu (default: settings, else cuda if present)"}),
     (("--backend",), {"choices": ("auto", "nunchaku", "portable")}),
     (("--compute",), {"choices": ("auto", "bf16", "fp8"), "help": "portable backend's GEMM precision"}),
+    (("--text-encoder-compute",), {
+        "choices": ("upcast", "fp8"),
+        "help": "upcast: ComfyUI's numbers (fp8 weights, bf16 activations; default: settings, else upcast); "
+        "fp8: activations in fp8 too",
+    }),
 ]  # fmt: skip
 OFFLOAD: list[Flag] = [
     (("--offload",), {

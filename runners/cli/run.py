@@ -68,7 +68,8 @@ def cmd_run(args: argparse.Namespace, reporter: Reporter) -> int:
 
     from qwen_edit import QwenEditPipeline
 
-    options = {k: getattr(args, k) for k in ("device", "backend", "compute") if getattr(args, k) is not None}
+    chosen = ("device", "backend", "compute", "text_encoder_compute")
+    options = {k: getattr(args, k) for k in chosen if getattr(args, k) is not None}
     reporter.note("loading the models the workflow names ...")
     pipe = QwenEditPipeline.from_workflow(plan, settings, **options)
 
