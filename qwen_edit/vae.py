@@ -560,17 +560,21 @@ class CompileRepeatedShapes:
     `compile`: the compiler (torch.compile; tests pass a recording stand-in).
     """
 
+    MAX_SEEN = 256
+
     def __init__(self, forward, max_shapes: int = VAE_COMPILED_SIZES, compile=None) -> None:
         self.forward = forward
         self.max_shapes = max_shapes
         self.compile = compile or (lambda fn: torch.compile(fn, dynamic=False))
-        self.seen: dict[tuple, int] = {}  # bounded below: counting stops once the compiled set is full
+        self.seen: dict[tuple, int] = {}  # shapes seen once; emptied when full (MAX_SEEN) or no longer needed
         self.compiled: dict[tuple, object] = {}
 
     def __call__(self, x: torch.Tensor, *args, **kwargs):
         key = (tuple(x.shape), x.dtype, x.device)
         fn = self.compiled.get(key)
         if fn is None and len(self.compiled) < self.max_shapes:
+            if key not in self.seen and len(self.seen) >= self.MAX_SEEN:  # a stream of one-off sizes
+                self.seen.clear()
             self.seen[key] = self.seen.get(key, 0) + 1
             if self.seen[key] >= 2:
                 fn = self.compiled[key] = self.compile(self.forward)

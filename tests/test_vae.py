@@ -454,6 +454,12 @@ def test_a_shape_is_compiled_from_its_second_use_and_the_compiled_set_is_bounded
     assert runs == ["eager", "eager", "compiled", "compiled", "eager", "compiled", "eager", "eager", "eager"]
     assert len(compiled_for) == 2 and len(policy.compiled) == 2 and not policy.seen  # counting stopped
 
+    # Shapes seen once are remembered up to MAX_SEEN; a stream of one-off sizes never grows it past that.
+    policy = CompileRepeatedShapes(lambda x: ("eager", None), 2, recording_compile)
+    for n in range(1, 3 * CompileRepeatedShapes.MAX_SEEN):
+        assert policy(torch.zeros(n))[0] == "eager"
+    assert len(policy.seen) <= CompileRepeatedShapes.MAX_SEEN and not policy.compiled
+
 
 def test_compile_vae_gives_eager_numbers_with_channels_last_weights(tiny_files):
     """compile_vae's own changes (weights' layout, the per-shape wrapper) with a stand-in compiler that
