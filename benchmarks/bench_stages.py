@@ -29,7 +29,7 @@ from PIL import Image
 
 from qwen_edit import conditioning, tokenizer
 from qwen_edit.text_encoder import compile_text_encoder, load_text_encoder
-from qwen_edit.vae import decode_latents, encode_images, load_vae
+from qwen_edit.vae import decode_latents, encode_images, load_vae, use_channels_last
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -57,16 +57,6 @@ def text_part(files: dict, image: Image.Image) -> dict:
     return out
 
 
-def channels_last(vae) -> None:
-    """5D (Conv3d) weights to channels-last-3d, 4D (Conv2d, the decoder's attention) to channels-last;
-    each convolution's output then follows its weight's layout."""
-    for module in vae.modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.nn.Parameter) and weight.dim() in (4, 5):
-            layout = torch.channels_last_3d if weight.dim() == 5 else torch.channels_last
-            module.weight.data = weight.data.contiguous(memory_format=layout)
-
-
 def compiled(vae) -> None:
     vae.encoder.compile(dynamic=False)
     vae.decoder.compile(dynamic=False)
@@ -79,9 +69,9 @@ def vae_part(files: dict, image: Image.Image) -> dict:
     eager = (encode_images(base, pixels), decode_latents(base, latent))
     variants = {
         "eager": [],
-        "channels-last": [channels_last],
+        "channels-last": [use_channels_last],
         "compiled, static shapes": [compiled],
-        "channels-last + compiled, static shapes": [channels_last, compiled],
+        "channels-last + compiled, static shapes": [use_channels_last, compiled],
     }
     out = {}
     for name, changes in variants.items():

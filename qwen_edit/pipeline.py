@@ -164,7 +164,8 @@ class QwenEditPipeline:
         (benchmarks/RESULTS.md; inductor caches it on disk, TORCHINDUCTOR_CACHE_DIR).
         `compute`: the transformer's ("auto": fp8 on cards with fp8 tensor cores on the portable backend).
         `text_encoder_compute`: "upcast" (ComfyUI's numbers: fp8 weights, bf16 activations) or "fp8" (opt-in:
-        activations rounded to fp8 as well; faster, the conditioning moves a few %; see `load_text_encoder`).
+        activations rounded to fp8 as well; the conditioning moves a few %, and it was not faster on an
+        H200; see `load_text_encoder`).
         `text_encoder_config`: only for encoders that are not the 7B one (the demo's tiny model).
         """
         clock = _PhaseClock()

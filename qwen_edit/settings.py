@@ -19,7 +19,7 @@ A settings file is YAML (or the same as a dict):
     device: auto              # auto, cuda, cuda:1, cpu
     backend: auto             # auto, nunchaku, portable
     compute: auto             # the transformer's: auto, bf16, fp8
-    text_encoder_compute: upcast  # upcast (ComfyUI's numbers), fp8 (faster, opt-in; moves the conditioning)
+    text_encoder_compute: upcast  # upcast (ComfyUI's numbers), fp8 (opt-in; moves the conditioning)
     cpu_offload: auto         # auto, enable, disable (ComfyUI-nunchaku's loader settings)
     num_blocks_on_gpu: 1      # with enable: transformer blocks kept on the GPU
     use_pin_memory: false     # pinned host memory for streamed blocks

@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COMPUTES = TEXT_ENCODER_COMPUTES
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
 # Qwen2.5-VL-7B-Instruct as Qwen/Qwen-Image-Edit-2509 ships it in text_encoder/config.json
 # (huggingface.co/Qwen/Qwen-Image-Edit-2509 @983d8d2); ComfyUI hard-codes the same values
@@ -446,8 +445,8 @@ def parameter_bytes(model: nn.Module) -> int:
 
 
 def _check_options(compute: str, dtype: torch.dtype) -> None:
-    if compute not in COMPUTES:
-        raise ValueError(f"compute must be one of {COMPUTES}, got {compute!r}")
+    if compute not in TEXT_ENCODER_COMPUTES:
+        raise ValueError(f"compute must be one of {TEXT_ENCODER_COMPUTES}, got {compute!r}")
     if dtype not in ACTIVATION_DTYPES:
         raise ValueError(
             f"dtype (the activation dtype) must be torch.float32 (what ComfyUI computes in) or "
@@ -469,7 +468,8 @@ def load_text_encoder(
     compute: "upcast" (default) casts each weight to `dtype` when its layer runs: ComfyUI's way and its
     numbers (ComfyUI multiplies in fp8 only with its `--fast` option). "fp8" (opt-in) multiplies fp8
     weights with fp8 tensor cores (SM >= 8.9; emulated elsewhere) and rounds the activations to fp8 too:
-    faster, but the conditioning moves several % from ComfyUI's (benchmarks/RESULTS.md, issue 14). fp8
+    the conditioning moves several % from ComfyUI's, and at an edit's few hundred tokens it was slower on
+    an H200, not faster (benchmarks/RESULTS.md, issue 14). fp8
     files stay fp8 in memory either way; with compute="fp8" a bf16 file is quantized to fp8 (per output
     channel) at load.
     dtype: activation dtype; ComfyUI computes in torch.float32, bf16 is faster and half the activations.

@@ -583,14 +583,20 @@ class CompileRepeatedShapes:
         return (fn or self.forward)(x, *args, **kwargs)
 
 
-def compile_vae(vae: AutoencoderKLQwenImage, max_shapes: int = VAE_COMPILED_SIZES, compile=None) -> None:
-    """Channels-last convolution weights, and the encoder and decoder compiled per repeated input shape
-    (`CompileRepeatedShapes`). Same numbers as eager up to kernel rounding (~1% relative on random
-    weights); channels-last alone, eager, gained nothing."""
+def use_channels_last(vae: AutoencoderKLQwenImage) -> None:
+    """5D (Conv3d) weights to channels-last-3d, 4D (Conv2d, the decoder's attention) to channels-last;
+    each convolution's output then follows its weight's layout."""
     for module in vae.modules():
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.nn.Parameter) and weight.dim() in (4, 5):
             layout = torch.channels_last_3d if weight.dim() == 5 else torch.channels_last
             module.weight.data = weight.data.contiguous(memory_format=layout)
+
+
+def compile_vae(vae: AutoencoderKLQwenImage, max_shapes: int = VAE_COMPILED_SIZES, compile=None) -> None:
+    """Channels-last convolution weights, and the encoder and decoder compiled per repeated input shape
+    (`CompileRepeatedShapes`). Same numbers as eager up to kernel rounding (~1% relative on random
+    weights); channels-last alone, eager, gained nothing."""
+    use_channels_last(vae)
     for part in (vae.encoder, vae.decoder):
         part.forward = CompileRepeatedShapes(part.forward, max_shapes, compile)
