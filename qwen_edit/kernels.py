@@ -67,4 +67,6 @@ def _ops():
         )
         return codes, scale
 
+    # Compiled graphs name the kernel by module attribute (saved graphs load it from there: precompile.py).
+    globals()["gelu_tanh_quantize_kernel"] = gelu_tanh_quantize_kernel
     return op

@@ -10,7 +10,6 @@ stream is also faster than three.
 from __future__ import annotations
 
 import functools
-import types
 
 import torch
 import torch.nn.functional as F
@@ -112,7 +111,9 @@ def use_fused_fp8_mlp(model: nn.Module) -> bool:
         for mlp in (block.img_mlp, block.txt_mlp):
             gelu, fc2 = mlp.net[0], mlp.net[2]
             if getattr(gelu, "approximate", None) == "tanh" and getattr(fc2, "compute", None) == "fp8":
-                mlp.forward = types.MethodType(_fused_fp8_mlp, mlp)
+                mlp.forward = functools.partial(
+                    _fused_fp8_mlp, mlp
+                )  # picklable for saved graphs (precompile.py)
     return True
 
 

@@ -161,7 +161,9 @@ class QwenEditPipeline:
         `compile`: torch.compile the transformer blocks (portable backend), the text encoder's layers and
         (per image size, from a size's second use) the VAE: 1.7x faster fp8 steps, 2x faster text encoding
         on an H100, a 1.6x faster VAE on an H200, for compilation during the first edits
-        (benchmarks/RESULTS.md; inductor caches it on disk, TORCHINDUCTOR_CACHE_DIR).
+        (benchmarks/RESULTS.md). inductor caches its kernels on disk (TORCHINDUCTOR_CACHE_DIR), and the
+        blocks' and encoder layers' compiled graphs are saved beside them, so a later process runs them
+        without compiling (precompile.py).
         `compute`: the transformer's ("auto": fp8 on cards with fp8 tensor cores on the portable backend).
         `text_encoder_compute`: "upcast" (ComfyUI's numbers: fp8 weights, bf16 activations) or "fp8" (opt-in:
         activations rounded to fp8 as well; the conditioning moves a few %, and it was not faster on an
@@ -356,6 +358,10 @@ class QwenEditPipeline:
         if plan.encoders_on_cpu:  # free memory first, then take it
             self._place_encoders(True)
         offload.set_block_offload(self.transformer, plan.blocks_on_gpu, plan.use_pin_memory)
+        if getattr(self.transformer, "qwen_edit_compiled", False):  # new shells and stream buffers
+            from .transformer import compile_blocks
+
+            compile_blocks(self.transformer)
         if not plan.encoders_on_cpu:
             self._place_encoders(False)
         self.offload_plan = plan

@@ -19,10 +19,10 @@ ComfyUI (`compute="upcast"`, the default: ComfyUI's numbers) or, opted into, mul
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
-import types
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +39,7 @@ from .errors import TextEncoderFileError
 from .fp8 import FP8, fp8_linear, quantize_weight_per_channel
 from .hardware import describe_device
 from .header import HeaderError, few, read_header
+from .precompile import compile_modules
 
 if TYPE_CHECKING:
     from transformers import Qwen2_5_VLConfig
@@ -641,14 +642,16 @@ def _masked_window_attention(
 def use_masked_window_attention(model: nn.Module) -> None:
     """Run every vision block's attention as `_masked_window_attention` (same numbers, no host syncs)."""
     for block in model.visual.blocks:
-        block.attn.forward = types.MethodType(_masked_window_attention, block.attn)
+        # A partial of a module-level function rather than a bound method: saved graphs (precompile.py)
+        # pickle the module, and torch's guard pickler can't find a bound method under another name.
+        block.attn.forward = functools.partial(_masked_window_attention, block.attn)
 
 
 def compile_text_encoder(model: nn.Module) -> None:
     """torch.compile each language-model layer and vision block, with dynamic shapes (prompt lengths and
-    image sizes vary, and one compiled graph then serves them all)."""
-    for module in [*model.language_model.layers, *model.visual.blocks]:
-        module.compile(dynamic=True)
+    image sizes vary, and one compiled graph then serves them all), saved on disk (precompile.py)."""
+    compile_modules(list(model.language_model.layers), "text-encoder-layer")
+    compile_modules(list(model.visual.blocks), "vision-block")
 
 
 @contextmanager

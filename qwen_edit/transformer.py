@@ -24,6 +24,7 @@ from .hardware import describe_device
 from .header import few
 from .model import build_model, use_fused_fp8_mlp
 from .offload import set_block_offload
+from .precompile import compile_modules
 from .svdq.checkpoint import (
     CheckpointError,
     SVDQCheckpoint,
@@ -112,14 +113,19 @@ def compile_blocks(model: nn.Module) -> None:
     one block's time, and the Python loop between blocks (offload hooks, RoPE tables) stays eager.
     Dynamic shapes: prompt lengths (and image sizes) change from one edit to the next, and a static graph
     recompiled for each new length (5-9 s on an H100) where the dynamic one runs at once, ~1% slower per
-    step (benchmarks/RESULTS.md).
+    step (benchmarks/RESULTS.md). The compiled graph is saved on disk for the next process (precompile.py).
+    Called again after the offload changes (`QwenEditPipeline.set_offload`): blocks that became streamed
+    shells lose their compiled call (they hand the work to a buffer), and new buffers get one.
     """
     streamer = getattr(model, "_qwen_edit_streamer", None)
-    blocks = [
-        b for b in model.transformer_blocks if "forward" not in b.__dict__
-    ]  # streamed shells run a buffer
-    for block in [*blocks, *(streamer.buffers if streamer is not None else [])]:
-        block.compile(dynamic=True)
+    blocks = []
+    for block in model.transformer_blocks:
+        if "forward" in block.__dict__:  # a streamed shell: it runs a buffer
+            block._compiled_call_impl = None
+        else:
+            blocks.append(block)
+    compile_modules([*blocks, *(streamer.buffers if streamer is not None else [])], "transformer-block")
+    model.qwen_edit_compiled = True
 
 
 @torch.no_grad()

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from qwen_edit.precompile import saved_graph_sites
+
 STAGES = ("text_encode", "vae_encode", "steps", "vae_decode")
 COLORS = {
     "text_encode": (66, 133, 244),
@@ -91,6 +93,10 @@ def bench_config(name: str, build, *, image: Image.Image, prompt: str, edit_kwar
         "load_s": round(load_s, 3),
         "cold_start_s": round(cold_start_s, 3),
         "first_edit_s": round(first.timings["total"], 3),
+        "first_edit_ms": {
+            key: round(1000 * (sum(value) if isinstance(value, list) else value), 1)
+            for key, value in first.timings.items()
+        },
         "load_phases_s": pipe.load_seconds,
         "page_cache_dropped": cache_dropped,
         "median_ms": {
@@ -104,6 +110,9 @@ def bench_config(name: str, build, *, image: Image.Image, prompt: str, edit_kwar
         "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
         **{key: info.get(key) for key in ("backend", "compute", "text_encoder_compute", "offload")},
     }
+    graphs = {**saved_graph_sites(pipe.transformer), **saved_graph_sites(pipe.text_encoder)}
+    if graphs:  # compiled graphs loaded from disk, or compiled and saved by this process (precompile.py)
+        row["saved_graphs"] = {site: dict(g.stats, failed=g.failed) for site, g in graphs.items()}
     stages = sum(row["median_ms"][k] for k in STAGES)
     row["overhead_pct"] = round(100 * (row["median_ms"]["total"] - stages) / max(stages, 1e-9), 1)
     del pipe

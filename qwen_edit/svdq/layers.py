@@ -155,6 +155,18 @@ class DequantizedLinear(nn.Module):
         else:
             self.weight = nn.Parameter(weight.to(self.dtype), requires_grad=False)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype (bf16 weights are stored in it)."""
+        return getattr(torch, self.dtype_name)
+
+    @dtype.setter
+    def dtype(self, dtype: torch.dtype) -> None:
+        # Kept as a name: torch's guard serialization (saved compiled graphs, precompile.py) pickles the
+        # module attributes a graph doesn't read as "missing" by object id, and would then lose the
+        # process-wide torch.bfloat16 object everywhere else in the saved guards.
+        self.dtype_name = str(dtype).removeprefix("torch.")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.compute == "fp8":
             y = fp8.fp8_linear(x, self.weight, self.weight_scale, self.bias, out_dtype=x.dtype)
