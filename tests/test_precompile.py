@@ -270,3 +270,18 @@ def test_blocks_that_start_or_stop_streaming_keep_compiled_calls_that_run_their_
         assert all(isinstance(b._compiled_call_impl, precompile.SavedGraphCall) for b in buffers)
         error = float((comfy_forward(model, *inputs) - expected).norm() / expected.norm())
         assert error < 0.02, (resident, error)  # bf16 kernels compiled vs eager: ~0.5%; wrong weights: ~100%
+
+
+def test_set_offload_on_a_compiled_pipeline_compiles_its_new_shells_and_buffers_anew(graphs_folder, demo_dir):
+    from qwen_edit import QwenEditPipeline
+
+    pipe = QwenEditPipeline.demo(cache_dir=demo_dir)
+    blocks = pipe.transformer.transformer_blocks
+    pipe.transformer.qwen_edit_compiled = True  # as compile=True leaves it, without compiling anything yet
+    pipe.set_offload("enable", num_blocks_on_gpu=1)
+    assert isinstance(blocks[0]._compiled_call_impl, precompile.SavedGraphCall)
+    assert all(block._compiled_call_impl is None for block in blocks[1:])  # shells hand over to a buffer
+    buffers = pipe.transformer._qwen_edit_streamer.buffers
+    assert buffers and all(isinstance(b._compiled_call_impl, precompile.SavedGraphCall) for b in buffers)
+    pipe.set_offload("disable")
+    assert all(isinstance(block._compiled_call_impl, precompile.SavedGraphCall) for block in blocks)
