@@ -111,9 +111,8 @@ def use_fused_fp8_mlp(model: nn.Module) -> bool:
         for mlp in (block.img_mlp, block.txt_mlp):
             gelu, fc2 = mlp.net[0], mlp.net[2]
             if getattr(gelu, "approximate", None) == "tanh" and getattr(fc2, "compute", None) == "fp8":
-                mlp.forward = functools.partial(
-                    _fused_fp8_mlp, mlp
-                )  # picklable for saved graphs (precompile.py)
+                # A partial, not a bound method: saved compiled graphs pickle it (precompile.py).
+                mlp.forward = functools.partial(_fused_fp8_mlp, mlp)
     return True
 
 
